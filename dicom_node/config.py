@@ -1,0 +1,269 @@
+"""The node's one typed configuration, loaded from TOML and validated once at startup.
+
+Every section forbids unknown keys, so a typo is a startup error naming the key
+(``ConfigError: detector.score_treshold: unknown key``) instead of a silently
+ignored setting. Relative paths are resolved against the config file's folder,
+so the same file works from any working directory (systemd, scripts, tests).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from dicom_node.errors import ConfigError
+
+ARCHITECTURES = (
+    "retinanet_r101_fpn",
+    "retinanet_r50_fpn",
+    "faster_rcnn_r101_fpn",
+    "faster_rcnn_r50_fpn",
+    # Small backbone used only by the shipped demo weights (synthetic masses only).
+    "retinanet_r18_fpn",
+    # Test double behind the detector interface: returns the boxes listed in the
+    # JSON file named by `weights` (relative coordinates). For placement tests only.
+    "fixed_boxes",
+)
+Architecture = Literal[
+    "retinanet_r101_fpn",
+    "retinanet_r50_fpn",
+    "faster_rcnn_r101_fpn",
+    "faster_rcnn_r50_fpn",
+    "retinanet_r18_fpn",
+    "fixed_boxes",
+]
+
+# The packaged demo checkpoint; ``weights = "demo"`` in the config selects it.
+DEMO_WEIGHTS = "demo"
+
+
+def _check_ae_title(value: str) -> str:
+    # PS3.5 6.2: an AE title is at most 16 characters of the default character
+    # repertoire, without backslash or control characters; all-space is invalid.
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if len(value) > 16:
+        raise ValueError(f"{value!r} is longer than 16 characters")
+    if not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]+", value):
+        raise ValueError(f"{value!r} has characters not allowed in an AE title")
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeConfig(_Section):
+    ae_title: AETitle = "DICOM_NODE"
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=0, le=65535)] = 11112  # 0: pick a free port (tests)
+    data_dir: Path = Path("var")
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Only for benchmarks and throwaway test nodes: skipping fsync breaks the
+    # promise that an acknowledged instance survives a power loss.
+    fsync: bool = True
+
+
+class CallerConfig(_Section):
+    ae_title: AETitle
+    host: str | None = None  # None: any address
+
+
+class TLSConfig(_Section):
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+
+class SecurityConfig(_Section):
+    allowed_callers: list[CallerConfig] = Field(default_factory=list)  # empty: anyone
+    require_called_ae_title: bool = True
+    max_associations_per_caller: Annotated[int, Field(ge=1)] = 8
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+
+
+class StudyConfig(_Section):
+    # A study is analysed once no new instance has arrived for this long.
+    stable_seconds: Annotated[float, Field(ge=0)] = 10.0
+
+
+class WorkersConfig(_Section):
+    count: Annotated[int, Field(ge=1, le=64)] = 1
+    device: str = "auto"
+    lease_seconds: Annotated[float, Field(gt=0)] = 300.0
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+    retry_backoff_seconds: Annotated[float, Field(ge=0)] = 30.0
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+        return value
+
+
+class DetectorConfig(_Section):
+    architecture: Architecture = "retinanet_r101_fpn"
+    weights: str = DEMO_WEIGHTS
+    score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    # Longest image side fed to the model; the pixel pipeline does the resize.
+    input_size: Annotated[int, Field(ge=64, le=8192)] = 1333
+    # What to do with images that are not For Presentation 2D mammograms.
+    for_processing: Literal["skip", "analyse"] = "skip"
+    tomosynthesis: Literal["skip", "central_slice"] = "central_slice"
+
+    def weights_path(self) -> Path:
+        if self.weights == DEMO_WEIGHTS:
+            from dicom_node.analyse.weights import demo_weights_path
+
+            return demo_weights_path()
+        return Path(self.weights)
+
+
+class ReportConfig(_Section):
+    manufacturer: str = "dicom-node"
+    series_description: str = "AI mass detection (dicom-node, not for diagnosis)"
+    content_label: str = "MASS_CAD"
+    content_creator_name: str = "DICOM_NODE^AI"
+    graphic_layer: str = "MASS_DETECTIONS"
+    series_number: Annotated[int, Field(ge=1)] = 9901
+
+    @field_validator("content_label")
+    @classmethod
+    def _content_label(cls, value: str) -> str:
+        # PS3.3 C.10.9 Content Label is a CS: upper case, digits, space, underscore, <= 16.
+        if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", value):
+            raise ValueError(f"{value!r} is not a valid CS (A-Z, 0-9, space, _; at most 16)")
+        return value
+
+
+class DestinationConfig(_Section):
+    name: Annotated[str, Field(min_length=1)]
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class DeliveryConfig(_Section):
+    max_attempts: Annotated[int, Field(ge=1)] = 20
+    retry_backoff_seconds: Annotated[float, Field(ge=0)] = 10.0
+    max_backoff_seconds: Annotated[float, Field(ge=0)] = 600.0
+    lease_seconds: Annotated[float, Field(gt=0)] = 120.0
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Config(_Section):
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    study: StudyConfig = Field(default_factory=StudyConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: list[DestinationConfig]) -> list[DestinationConfig]:
+        names = [d.name for d in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique, repeated: {duplicates}")
+        return value
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.node.data_dir / 'dicom-node.sqlite'}"
+
+    def destination(self, name: str) -> DestinationConfig:
+        for destination in self.destinations:
+            if destination.name == name:
+                return destination
+        raise ConfigError(f"destinations: no destination named {name!r}")
+
+
+def _error_location(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = _error_location(item["loc"])
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"{key}: {message}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def resolve(path: Path | None) -> Path | None:
+        if path is None or path.is_absolute():
+            return path
+        return (base / path).resolve()
+
+    node = config.node.model_copy(update={"data_dir": resolve(config.node.data_dir)})
+    tls = config.security.tls
+    tls = tls.model_copy(
+        update={
+            "certificate": resolve(tls.certificate),
+            "private_key": resolve(tls.private_key),
+            "ca_certificates": resolve(tls.ca_certificates),
+        }
+    )
+    security = config.security.model_copy(update={"tls": tls})
+    detector = config.detector
+    if detector.weights != DEMO_WEIGHTS:
+        detector = detector.model_copy(update={"weights": str(resolve(Path(detector.weights)))})
+    return config.model_copy(update={"node": node, "security": security, "detector": detector})
+
+
+def parse_config(data: dict, *, base_dir: Path, source: str = "config") -> Config:
+    """Validate a config mapping; relative paths resolve against ``base_dir``."""
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+    return _resolve_paths(config, base_dir)
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate the TOML file at ``path``; raise ConfigError naming the bad key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config file ({error.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    return parse_config(data, base_dir=path.resolve().parent, source=str(path))

@@ -1,0 +1,149 @@
+"""Small synthetic mammograms for tests: valid MG DICOM with fake identifiers, no patient data.
+
+These are plain gradients with a bright disc where a test wants a "mass"; the realistic
+phantoms for training live in dicom_node.phantom. Transcoding to compressed transfer
+syntaxes uses the real dcmtk tools (see `transcode`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    DigitalMammographyXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    PYDICOM_IMPLEMENTATION_UID,
+    generate_uid,
+)
+
+# Obviously fake identifiers: tests check that none of these reach a log line.
+FAKE_PATIENT_NAME = "PHANTOM^JANE^SYNTHETIC"
+FAKE_PATIENT_ID = "SYNTH-PID-4711"
+FAKE_BIRTH_DATE = "19700101"
+FAKE_ACCESSION = "SYNTHACC0815"
+
+
+def mammogram(
+    *,
+    rows: int = 256,
+    columns: int = 192,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    laterality: str = "L",
+    view: str = "CC",
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+    sop_class_uid: str = DigitalMammographyXRayImageStorageForPresentation,
+    masses: tuple[tuple[float, float, float], ...] = (),
+    seed: int = 0,
+) -> Dataset:
+    """One MG For Presentation image; `masses` are (row, col, radius) in pixels."""
+    rng = np.random.default_rng(seed)
+    max_value = (1 << bits_stored) - 1
+    yy, xx = np.mgrid[0:rows, 0:columns]
+    image = 0.25 + 0.2 * (xx / columns) + 0.02 * rng.standard_normal((rows, columns))
+    for r, c, radius in masses:
+        image[(yy - r) ** 2 + (xx - c) ** 2 <= radius**2] += 0.4
+    pixels = np.clip(image * max_value, 0, max_value).astype(np.uint16)
+    if photometric == "MONOCHROME1":
+        pixels = (max_value - pixels).astype(np.uint16)
+
+    now = datetime(2026, 1, 2, 3, 4, 5)
+    ds = Dataset()
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PatientName = FAKE_PATIENT_NAME
+    ds.PatientID = FAKE_PATIENT_ID
+    ds.PatientBirthDate = FAKE_BIRTH_DATE
+    ds.PatientSex = "F"
+    ds.AccessionNumber = FAKE_ACCESSION
+    ds.StudyID = "1"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.ReferringPhysicianName = ""
+    ds.Modality = "MG"
+    ds.Manufacturer = "dicom-node tests"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.ImageLaterality = laterality
+    ds.ViewPosition = view
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+    ds.BurnedInAnnotation = "NO"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelSpacing = [0.1, 0.1]
+    ds.WindowCenter = max_value // 2
+    ds.WindowWidth = max_value
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.PixelData = pixels.tobytes()
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return ds
+
+
+def write(ds: Dataset, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def study(
+    folder: Path, *, n_images: int = 2, study_uid: str | None = None, **kwargs
+) -> list[Path]:
+    """Write one study of `n_images` (L/R CC) into `folder`; returns the file paths."""
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    paths = []
+    for index in range(n_images):
+        ds = mammogram(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            laterality="LR"[index % 2],
+            seed=index,
+            **kwargs,
+        )
+        ds.InstanceNumber = index + 1
+        paths.append(write(ds, folder / f"{ds.SOPInstanceUID}.dcm"))
+    return paths
+
+
+# dcmtk converters and their options for each compressed transfer syntax.
+DCMTK_TRANSCODERS = {
+    "jpeg-lossless-sv1": ["dcmcjpeg", "+e1"],  # JPEG Lossless, First-Order Prediction (SV1)
+    "jpeg-extended": ["dcmcjpeg", "+ee"],  # JPEG Extended (Process 2 & 4), 12-bit
+    "jpeg-baseline": ["dcmcjpeg", "+eb"],  # JPEG Baseline (8-bit only)
+    "jpeg-ls-lossless": ["dcmcjpls", "+el"],
+    "jpeg-ls-near-lossless": ["dcmcjpls", "+en"],
+    "rle": ["dcmcrle"],
+    "deflated": ["dcmconv", "+td"],
+    "implicit-little": ["dcmconv", "+ti"],
+    "explicit-little": ["dcmconv", "+te"],
+}
+
+
+def transcode(source: Path, target: Path, syntax: str) -> Path:
+    """Re-encode `source` into `syntax` with the dcmtk tool for it (real encoder)."""
+    command = [*DCMTK_TRANSCODERS[syntax], str(source), str(target)]
+    subprocess.run(command, check=True, capture_output=True)
+    return target
