@@ -125,7 +125,8 @@ class DetectorConfig(_Section):
     weights: str = DEMO_WEIGHTS
     score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
     # Longest image side fed to the model; the pixel pipeline does the resize.
-    input_size: Annotated[int, Field(ge=64, le=8192)] = 1333
+    # Unset: the size the checkpoint was trained at (recorded in the checkpoint).
+    input_size: Annotated[int, Field(ge=64, le=8192)] | None = None
     # What to do with images that are not For Presentation 2D mammograms.
     for_processing: Literal["skip", "analyse"] = "skip"
     tomosynthesis: Literal["skip", "central_slice"] = "central_slice"

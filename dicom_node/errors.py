@@ -24,5 +24,5 @@ class UnsupportedImage(PermanentError):
     """The image cannot be analysed by this node."""
 
 
-class CheckpointError(NodeError):
+class CheckpointError(ConfigError):
     """The detector checkpoint is missing or does not match the configured architecture."""

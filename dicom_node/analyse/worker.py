@@ -1,0 +1,227 @@
+"""Analysis workers: claim a study job, run the detector on its images, write the GSPS.
+
+Each worker is its own process holding one loaded model (loaded once, not per job).
+A job's lease is renewed by a heartbeat thread while the model runs; a worker that
+dies leaves its job to be reclaimed when the lease expires.
+
+Image rules (documented in README, "What gets analysed"):
+- For Presentation mammograms (and MG secondary captures, e.g. digitised film): analysed.
+- For Processing mammograms: raw detector data, not what the model was trained on.
+  `detector.for_processing = "skip"` (default) leaves them out with a log line and a
+  "not analysed" note in the GSPS; "analyse" runs them through the same pipeline
+  (approximation: the VOI window is the image's min/max).
+- Breast tomosynthesis: `detector.tomosynthesis = "central_slice"` (default) analyses
+  the central frame of the volume as an approximation of a 2D view and places the
+  boxes on that frame; "skip" leaves the volume out.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from dicom_node.config import Config
+from dicom_node.errors import PermanentError, UnsupportedImage
+from dicom_node.log import get_logger
+
+log = get_logger("dicom_node.worker")
+
+
+def result_uid(study_uid: str, generation: int, purpose: str) -> str:
+    """A UID derived from the study and analysis generation, the same on every attempt.
+
+    A job retried after a crash therefore produces the same GSPS SOP Instance UID, and a
+    PACS that already stored it treats a second delivery as the same object.
+    """
+    return generate_uid(prefix=None, entropy_srcs=["dicom-node", study_uid, str(generation), purpose])
+
+
+@dataclass
+class StudyAnalysis:
+    images: list[pydicom.Dataset] = field(default_factory=list)
+    detections: dict[str, list] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    frames: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def detection_count(self) -> int:
+        return sum(len(boxes) for boxes in self.detections.values())
+
+
+def _frame_to_analyse(ds: pydicom.Dataset, config: Config) -> int | None:
+    """Return the frame index to analyse (None for single-frame); raise UnsupportedImage to skip."""
+    from dicom_node.pixels import central_frame, image_kind
+
+    kind = image_kind(ds)
+    if kind == "processing" and config.detector.for_processing == "skip":
+        raise UnsupportedImage("For Processing image (detector.for_processing = skip)")
+    if kind == "tomosynthesis":
+        if config.detector.tomosynthesis == "skip":
+            raise UnsupportedImage("tomosynthesis volume (detector.tomosynthesis = skip)")
+        return central_frame(ds)
+    return None
+
+
+def analyse_study(paths: Sequence[str], detector, config: Config, *, job_log=log) -> StudyAnalysis:
+    """Run the detector on every analysable image; images that cannot be analysed are listed."""
+    from dicom_node.pixels import prepare
+
+    analysis = StudyAnalysis()
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as error:  # a stored file that no longer parses
+            raise PermanentError(f"cannot read stored instance {path}: {error}") from error
+        uid = str(ds.SOPInstanceUID)
+        analysis.images.append(ds)
+        try:
+            frame = _frame_to_analyse(ds, config)
+            prepared = prepare(ds, input_size=detector.input_size, frame=frame)
+        except UnsupportedImage as reason:
+            analysis.skipped[uid] = str(reason)
+            job_log.info("image_skipped", sop_instance_uid=uid, reason=str(reason))
+            continue
+        except Exception as error:
+            # Corrupt or undecodable pixel data fails this image's study, not the worker.
+            raise PermanentError(f"cannot decode pixel data of {uid}: {error}") from error
+        if frame is not None:
+            analysis.frames[uid] = frame
+        analysis.detections[uid] = list(detector.detect([prepared])[0])
+    return analysis
+
+
+class _Heartbeat:
+    """Renews the job lease in the background while the model runs."""
+
+    def __init__(self, queue, job_id: int, worker: str, lease_seconds: float):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(queue, job_id, worker, lease_seconds), daemon=True
+        )
+
+    def _run(self, queue, job_id, worker, lease_seconds):
+        while not self._stop.wait(lease_seconds / 3):
+            if not queue.heartbeat_job(job_id, worker=worker, lease_seconds=lease_seconds):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def report_study(paths, detector, config: Config, *, study_uid: str, generation: int, job_log=log):
+    """Analyse one study's files and build its GSPS; returns (gsps, analysis)."""
+    from dicom_node.report.gsps import build_gsps
+
+    analysis = analyse_study(paths, detector, config, job_log=job_log)
+    gsps = build_gsps(
+        analysis.images,
+        analysis.detections,
+        report=config.report,
+        sop_instance_uid=result_uid(study_uid, generation, "gsps-instance"),
+        series_instance_uid=result_uid(study_uid, generation, "gsps-series"),
+        skipped=analysis.skipped,
+    )
+    return gsps, analysis
+
+
+def process_job(job, *, queue, store, detector, config: Config, worker: str) -> None:
+    """Analyse one claimed job and record its outcome (complete or fail) in the queue."""
+    job_log = log.bind(worker=worker, **job.log_context())
+    job_log.info("job_started", attempt=job.attempts)
+    try:
+        with _Heartbeat(queue, job.id, worker, config.workers.lease_seconds):
+            instances = queue.study_instances(job.study_uid)
+            gsps, analysis = report_study(
+                [i.path for i in instances], detector, config,
+                study_uid=job.study_uid, generation=job.generation, job_log=job_log,
+            )
+            gsps_uid = str(gsps.SOPInstanceUID)
+            path = store.write_result(gsps, name=f"{gsps_uid}.dcm")
+    except PermanentError as error:
+        state = queue.fail_job(
+            job.id, worker=worker, error=str(error), retryable=False,
+            backoff_seconds=config.workers.retry_backoff_seconds,
+            max_attempts=config.workers.max_attempts,
+        )
+        job_log.error("job_failed", error=str(error), state=state)
+        return
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+        state = queue.fail_job(
+            job.id, worker=worker, error=message, retryable=True,
+            backoff_seconds=config.workers.retry_backoff_seconds,
+            max_attempts=config.workers.max_attempts,
+        )
+        log_method = job_log.error if state == "failed" else job_log.warning
+        log_method("job_error_retry" if state != "failed" else "job_failed", error=message, state=state)
+        return
+    queue.complete_job(
+        job.id,
+        worker=worker,
+        result_path=str(path),
+        result_sop_instance_uid=gsps_uid,
+        detections=analysis.detection_count,
+        destinations=[d.name for d in config.destinations],
+    )
+    job_log.info(
+        "job_done",
+        images=len(analysis.images),
+        skipped=len(analysis.skipped),
+        detections=analysis.detection_count,
+        gsps_sop_instance_uid=gsps_uid,
+    )
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds: float = 0.5) -> None:
+    """Entry point of a worker process: load the model once, then claim jobs until told to stop."""
+    import signal
+
+    from dicom_node.analyse.detector import load_detector
+    from dicom_node.errors import CheckpointError
+    from dicom_node.log import configure_logging
+    from dicom_node.queue.ops import Queue
+    from dicom_node.store import InstanceStore
+
+    # The parent handles SIGINT/SIGTERM and tells workers through stop_event, so a
+    # Ctrl-C in the foreground does not kill a worker in the middle of a job.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging(config.logging.level, config.logging.format)
+    worker_log = log.bind(worker=name)
+    try:
+        device = resolve_device(config.workers.device)
+        detector = load_detector(config.detector, device=device)
+    except CheckpointError as error:
+        ready_queue.put((name, "error", str(error)))
+        return
+    except Exception as error:
+        ready_queue.put((name, "error", f"{type(error).__name__}: {error}"))
+        return
+    queue = Queue(config.database_url)
+    store = InstanceStore(config.node.data_dir, fsync=config.node.fsync)
+    worker_log.info("worker_ready", device=device, architecture=config.detector.architecture)
+    ready_queue.put((name, "ready", device))
+    while not stop_event.is_set():
+        job = queue.claim_next_job(worker=name, lease_seconds=config.workers.lease_seconds)
+        if job is None:
+            stop_event.wait(poll_seconds)
+            continue
+        process_job(job, queue=queue, store=store, detector=detector, config=config, worker=name)
+    worker_log.info("worker_stopped")

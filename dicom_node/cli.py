@@ -1,0 +1,283 @@
+"""`dicom-node ...`: parse arguments, load the config, call the package. Nothing more.
+
+Exit status: 0 success, 1 the operation failed (e.g. a destination is unreachable),
+2 bad configuration or arguments. Expected errors print one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from dicom_node.errors import ConfigError, NodeError
+
+DEFAULT_CONFIG = os.environ.get("DICOM_NODE_CONFIG", "config/dicom-node.toml")
+
+
+def _load(args):
+    from dicom_node.config import load_config
+    from dicom_node.log import configure_logging
+
+    config = load_config(args.config)
+    configure_logging(config.logging.level, config.logging.format)
+    return config
+
+
+def _queue(config):
+    from dicom_node.queue.ops import Queue
+
+    queue = Queue(config.database_url)
+    queue.migrate()
+    return queue
+
+
+def cmd_serve(args) -> int:
+    from dicom_node.node import serve
+
+    return serve(_load(args))
+
+
+def cmd_check_config(args) -> int:
+    config = _load(args)
+    from dicom_node.analyse.detector import load_detector
+
+    load_detector(config.detector, device="cpu")
+    print(f"{args.config}: OK (architecture {config.detector.architecture}, "
+          f"{len(config.destinations)} destination(s), data_dir {config.node.data_dir})")
+    return 0
+
+
+def _job_summary(job) -> dict:
+    return {
+        "id": job.id,
+        "study_uid": job.study_uid,
+        "generation": job.generation,
+        "state": job.state,
+        "attempts": job.attempts,
+        "detections": job.detections,
+        "error": job.error,
+        "created_at": job.created_at.isoformat() if job.created_at else None,
+        "updated_at": job.updated_at.isoformat() if job.updated_at else None,
+        "result_sop_instance_uid": job.result_sop_instance_uid,
+        "deliveries": [
+            {"destination": d.destination, "state": d.state, "attempts": d.attempts, "error": d.error}
+            for d in getattr(job, "deliveries", ())
+        ],
+    }
+
+
+def cmd_jobs(args) -> int:
+    queue = _queue(_load(args))
+    if args.jobs_command == "list":
+        jobs = queue.list_jobs(state=args.state, limit=args.limit)
+        if args.json:
+            print(json.dumps([_job_summary(j) for j in jobs], indent=2))
+            return 0
+        print(f"{'ID':>6}  {'STATE':8}  {'GEN':>3}  {'TRIES':>5}  {'DETS':>4}  {'DELIVERY':18}  STUDY / ERROR")
+        for job in jobs:
+            states = defaultdict(int)
+            for delivery in getattr(job, "deliveries", ()):
+                states[delivery.state] += 1
+            delivery = ",".join(f"{k}:{v}" for k, v in sorted(states.items())) or "-"
+            detections = "-" if job.detections is None else job.detections
+            print(f"{job.id:>6}  {job.state:8}  {job.generation:>3}  {job.attempts:>5}  {detections:>4}  "
+                  f"{delivery:18}  {job.study_uid}")
+            if job.error:
+                print(f"{'':>6}  error: {job.error}")
+        return 0
+    if args.jobs_command == "show":
+        job = queue.get_job(args.job_id)
+        if job is None:
+            print(f"no job {args.job_id}", file=sys.stderr)
+            return 1
+        print(json.dumps(_job_summary(job), indent=2))
+        return 0
+    if args.jobs_command == "retry":
+        if not queue.retry_job(args.job_id):
+            print(f"job {args.job_id}: nothing to retry (unknown, or not failed)", file=sys.stderr)
+            return 1
+        print(f"job {args.job_id}: queued again")
+        return 0
+    raise AssertionError(args.jobs_command)
+
+
+def cmd_status(args) -> int:
+    queue = _queue(_load(args))
+    print(json.dumps(queue.stats(), indent=2, default=str))
+    return 0
+
+
+def cmd_echo(args) -> int:
+    from dicom_node.deliver.scu import echo
+    from dicom_node.errors import RetryableError
+
+    config = _load(args)
+    destinations = [config.destination(args.destination)] if args.destination else config.destinations
+    if not destinations:
+        print("no destinations configured", file=sys.stderr)
+        return 1
+    failed = 0
+    for destination in destinations:
+        try:
+            result = echo(destination, calling_ae_title=config.node.ae_title)
+            print(f"{destination.name}: {result}")
+        except RetryableError as error:
+            print(f"{destination.name}: FAILED {error}")
+            failed += 1
+    return 1 if failed else 0
+
+
+def cmd_analyze(args) -> int:
+    """Offline: the node's pipeline on files, GSPS written to --out (one per study)."""
+    import pydicom
+
+    from dicom_node.analyse.detector import load_detector
+    from dicom_node.analyse.worker import report_study, resolve_device
+
+    config = _load(args)
+    detector = load_detector(config.detector, device=resolve_device(args.device or config.workers.device))
+    studies: dict[str, list[str]] = defaultdict(list)
+    for name in args.files:
+        try:
+            ds = pydicom.dcmread(name, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+            studies[str(ds.StudyInstanceUID)].append(name)
+        except Exception as error:
+            print(f"{name}: not readable as DICOM ({error})", file=sys.stderr)
+            return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for study_uid, paths in studies.items():
+        gsps, analysis = report_study(paths, detector, config, study_uid=study_uid, generation=0)
+        target = out / f"{gsps.SOPInstanceUID}.dcm"
+        gsps.save_as(target, enforce_file_format=True)
+        print(f"{target}: study {study_uid}: {len(analysis.images)} image(s), "
+              f"{len(analysis.skipped)} skipped, {analysis.detection_count} mass(es) marked")
+    return 0
+
+
+def cmd_phantom(args) -> int:
+    from dicom_node.phantom import write_phantoms
+
+    annotations = write_phantoms(Path(args.out), n=args.n, seed=args.seed, rows=args.rows, columns=args.columns)
+    print(f"wrote {args.n} synthetic phantom image(s) and {annotations} (SYNTHETIC - not patient data)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from dicom_node.train.config import load_train_config
+    from dicom_node.train.loop import train
+
+    path = train(load_train_config(args.config), device=args.device)
+    print(f"deployable checkpoint: {path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from dicom_node.evaluate.run import run_evaluation
+
+    config = _load(args)
+    detector = config.detector
+    overrides = {k: v for k, v in {"weights": args.weights, "architecture": args.architecture}.items() if v}
+    if overrides:
+        from dicom_node.config import DetectorConfig
+
+        detector = DetectorConfig.model_validate({**detector.model_dump(), **overrides})
+    result = run_evaluation(detector, Path(args.data), Path(args.out), by=args.by, device=args.device or "cpu",
+                            threshold=args.threshold)
+    print(json.dumps(result.get("summary", result), indent=2, default=str))
+    return 0
+
+
+def cmd_import_detectron2(args) -> int:
+    from dicom_node.analyse.detectron2_import import import_detectron2
+
+    import_detectron2(Path(args.source), Path(args.target), architecture=args.architecture)
+    print(f"wrote {args.target} ({args.architecture})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"node config TOML (default {DEFAULT_CONFIG})")
+        return p
+
+    with_config(sub.add_parser("serve", help="run the node in the foreground")).set_defaults(func=cmd_serve)
+    with_config(sub.add_parser("check-config", help="validate the config and load the detector")).set_defaults(
+        func=cmd_check_config)
+    with_config(sub.add_parser("status", help="queue depth, oldest pending job, last errors")).set_defaults(
+        func=cmd_status)
+
+    jobs = with_config(sub.add_parser("jobs", help="inspect and retry analysis jobs"))
+    jobs.set_defaults(func=cmd_jobs)
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = jobs_sub.add_parser("list")
+    listing.add_argument("--state", choices=["pending", "running", "done", "failed"])
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true")
+    jobs_sub.add_parser("show").add_argument("job_id", type=int)
+    jobs_sub.add_parser("retry").add_argument("job_id", type=int)
+
+    echo = with_config(sub.add_parser("echo", help="C-ECHO the configured destinations"))
+    echo.add_argument("--destination", help="only this destination (by name)")
+    echo.set_defaults(func=cmd_echo)
+
+    analyze = with_config(sub.add_parser("analyze", help="offline: analyse files, write GSPS files"))
+    analyze.add_argument("files", nargs="+")
+    analyze.add_argument("--out", required=True)
+    analyze.add_argument("--device")
+    analyze.set_defaults(func=cmd_analyze)
+
+    phantom = sub.add_parser("phantom", help="write synthetic mammogram phantoms with COCO labels")
+    phantom.add_argument("--out", required=True)
+    phantom.add_argument("--n", type=int, default=8)
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--rows", type=int, default=3328)
+    phantom.add_argument("--columns", type=int, default=2560)
+    phantom.set_defaults(func=cmd_phantom)
+
+    train = sub.add_parser("train", help="train a detector (config/train/*.toml)")
+    train.add_argument("--config", required=True)
+    train.add_argument("--device")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = with_config(sub.add_parser("evaluate", help="AP50, precision/recall/F1, FROC on a COCO set"))
+    evaluate.add_argument("--data", required=True, help="COCO annotations JSON (images relative to it)")
+    evaluate.add_argument("--out", required=True)
+    evaluate.add_argument("--weights")
+    evaluate.add_argument("--architecture")
+    evaluate.add_argument("--threshold", type=float, help="operating threshold (default: detector.score_threshold)")
+    evaluate.add_argument("--by", help="break metrics down by this image field (view, density, ...)")
+    evaluate.add_argument("--device")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    d2 = sub.add_parser("import-detectron2", help="convert a Detectron2 checkpoint to a dicom-node checkpoint")
+    d2.add_argument("source")
+    d2.add_argument("target")
+    d2.add_argument("--architecture", required=True)
+    d2.set_defaults(func=cmd_import_detectron2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except NodeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Durable files: received instances and the result objects built from them.
+
+Layout under ``data_dir`` (one filesystem, so ``os.replace`` is atomic)::
+
+    instances/<study uid>/<series uid>/<sop instance uid>.dcm
+    results/<name>
+    tmp/            files being written; anything left here after a crash is garbage
+
+A file reaches its final name only after its bytes are on disk: it is written
+under tmp/, fsynced, renamed into place with ``os.replace``, and the directory
+holding the new name is fsynced (so is every directory created on the way).
+After a power loss a final name therefore points at a complete file or does not
+exist; it never points at a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+
+from dicom_node.log import get_logger
+
+log = get_logger("dicom_node.store")
+
+# PS3.5 9.1: a UID is digits and dots, at most 64 characters. Only such a value
+# may become a path component, so a hostile UID ("../../etc") cannot leave data_dir.
+# Leading zeros in a component are tolerated: some modalities send them.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+MAX_UID_LENGTH = 64
+# Result names are chosen by the node (e.g. "<uid>.dcm"); still, no separators.
+_RESULT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def validate_uid(value: object, *, name: str) -> str:
+    """Return ``value`` as a UID string; raise ValueError naming ``name`` if it is not one."""
+    text = str(value) if value is not None else ""
+    if not text:
+        raise ValueError(f"{name} is empty")
+    if len(text) > MAX_UID_LENGTH:
+        raise ValueError(f"{name} is longer than {MAX_UID_LENGTH} characters")
+    if not _UID.fullmatch(text):
+        raise ValueError(f"{name} {text[:MAX_UID_LENGTH]!r} is not a UID (digits and dots)")
+    return text
+
+
+class InstanceStore:
+    """The node's files under ``data_dir``; see the module docstring for the layout."""
+
+    def __init__(self, data_dir: Path, *, fsync: bool = True):
+        self.data_dir = Path(data_dir)
+        self.fsync = fsync
+        # Two associations may deliver the same SOP Instance at once; the check for
+        # an existing file and the rename must not interleave (first one wins).
+        self._rename_lock = threading.Lock()
+        for folder in (self.instances_dir, self.results_dir, self.tmp_dir):
+            self._make_dirs(folder)
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.data_dir / "instances"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    def instance_path(self, *, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """Final path of an instance; raise ValueError if a UID is not a valid UID."""
+        return (
+            self.instances_dir
+            / validate_uid(study_uid, name="Study Instance UID")
+            / validate_uid(series_uid, name="Series Instance UID")
+            / f"{validate_uid(sop_instance_uid, name='SOP Instance UID')}.dcm"
+        )
+
+    @contextlib.contextmanager
+    def temp_path(self, *, suffix: str = ".dcm") -> Iterator[Path]:
+        """A fresh path under tmp/ (file created, empty); removed on exit unless moved away."""
+        fd, name = tempfile.mkstemp(suffix=suffix, dir=self.tmp_dir)
+        os.close(fd)
+        path = Path(name)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def persist_instance(
+        self, source: Path, *, study_uid: str, series_uid: str, sop_instance_uid: str
+    ) -> Path:
+        """Make ``source`` durable at the instance's final path and return that path.
+
+        A ``source`` under tmp/ is moved (no copy); any other file is copied and
+        left in place. If the final file already exists (the same SOP Instance UID
+        was received before) the existing file is kept and returned, and a
+        ``source`` under tmp/ is removed. Raises ValueError for an invalid UID.
+        """
+        source = Path(source)
+        final = self.instance_path(
+            study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_instance_uid
+        )
+        if source.parent.resolve() != self.tmp_dir.resolve():
+            with self.temp_path() as staged:
+                shutil.copyfile(source, staged)
+                return self.persist_instance(
+                    staged,
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    sop_instance_uid=sop_instance_uid,
+                )
+        if final.exists():
+            source.unlink(missing_ok=True)
+            return final
+        self._fsync_file(source)
+        self._make_dirs(final.parent)
+        with self._rename_lock:
+            if final.exists():
+                source.unlink(missing_ok=True)
+                return final
+            os.replace(source, final)
+        self._fsync_dir(final.parent)
+        return final
+
+    def write_result(self, ds: pydicom.Dataset, *, name: str) -> Path:
+        """Write ``ds`` as a DICOM Part 10 file to results/``name`` durably; return the path.
+
+        An existing result with the same name is replaced (a rebuilt result).
+        """
+        if not _RESULT_NAME.fullmatch(name):
+            raise ValueError(f"result name {name!r} must be letters, digits, '.', '_', '-'")
+        final = self.results_dir / name
+        with self.temp_path() as staged:
+            ds.save_as(staged, enforce_file_format=True)
+            self._fsync_file(staged)
+            os.replace(staged, final)
+        self._fsync_dir(self.results_dir)
+        return final
+
+    def remove_orphan_temp_files(self) -> int:
+        """Delete what a crash left in tmp/; call at startup only. Returns the count."""
+        removed = 0
+        for entry in self.tmp_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.info("orphan_temp_files_removed", count=removed, tmp_dir=str(self.tmp_dir))
+        return removed
+
+    def _make_dirs(self, folder: Path) -> None:
+        """mkdir -p, fsyncing the parent of every directory created so the entry survives."""
+        missing = []
+        current = folder
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for directory in reversed(missing):
+            try:
+                directory.mkdir()
+            except FileExistsError:  # another association created it meanwhile
+                continue
+            self._fsync_dir(directory.parent)
+
+    def _fsync_file(self, path: Path) -> None:
+        if not self.fsync:
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _fsync_dir(self, path: Path) -> None:
+        # The rename is durable only once the directory entry is on disk (POSIX
+        # leaves it to the application to fsync the directory after a rename).
+        if not self.fsync:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
