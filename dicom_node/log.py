@@ -35,6 +35,31 @@ def _drop_phi(_logger, _method, event_dict):
     return event_dict
 
 
+class _StderrLogger:
+    """Writes each line to whatever sys.stderr is *now* (pytest swaps it per test)."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stdlib handler that, like _StderrLogger, follows sys.stderr."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def _stderr_logger_factory(*_args) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Configure structlog and the stdlib loggers (pynetdicom's) once per process."""
     numeric = getattr(logging, level.upper())
@@ -52,12 +77,12 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger_factory,
         cache_logger_on_first_use=False,
     )
     # pynetdicom logs through the stdlib. At DEBUG it dumps whole datasets
     # (patient name included), so it is held at WARNING whatever our level is.
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processor=renderer, foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name]

@@ -106,7 +106,9 @@ def deliver_once(queue, config: Config, *, worker: str = "deliver") -> bool:
     """Claim and send one pending delivery; return False when there was none."""
     from dicom_node.deliver.scu import send_file
 
-    delivery = queue.claim_next_delivery(worker=worker, lease_seconds=config.delivery.lease_seconds)
+    delivery = queue.claim_next_delivery(
+        worker=worker, lease_seconds=config.delivery.lease_seconds, max_attempts=config.delivery.max_attempts
+    )
     if delivery is None:
         return False
     delivery_log = log.bind(
@@ -119,7 +121,7 @@ def deliver_once(queue, config: Config, *, worker: str = "deliver") -> bool:
         send_file(Path(delivery.path), destination, calling_ae_title=config.node.ae_title)
     except (RetryableError, PermanentError, ConfigError) as error:
         state = queue.fail_delivery(
-            delivery.id, error=str(error), retryable=isinstance(error, RetryableError),
+            delivery.id, worker=worker, error=str(error), retryable=isinstance(error, RetryableError),
             backoff_seconds=policy.retry_backoff_seconds,
             max_backoff_seconds=policy.max_backoff_seconds, max_attempts=policy.max_attempts,
         )
@@ -127,7 +129,7 @@ def deliver_once(queue, config: Config, *, worker: str = "deliver") -> bool:
             "delivery_failed" if state == "failed" else "delivery_retry", error=str(error), state=state
         )
         return True
-    queue.complete_delivery(delivery.id)
+    queue.complete_delivery(delivery.id, worker=worker)
     delivery_log.info("delivery_done")
     return True
 

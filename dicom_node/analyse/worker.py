@@ -17,6 +17,8 @@ Image rules (documented in README, "What gets analysed"):
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from pydicom.uid import generate_uid
 from dicom_node.config import Config
 from dicom_node.errors import PermanentError, UnsupportedImage
 from dicom_node.log import get_logger
+from dicom_node.queue.ops import LeaseLost
 
 log = get_logger("dicom_node.worker")
 
@@ -133,6 +136,18 @@ def report_study(paths, detector, config: Config, *, study_uid: str, generation:
     return gsps, analysis
 
 
+def _fail(queue, job, worker: str, config: Config, error: str, *, retryable: bool) -> str | None:
+    """Record a failed attempt; None when the lease was lost to another worker."""
+    try:
+        return queue.fail_job(
+            job.id, worker=worker, error=error, retryable=retryable,
+            backoff_seconds=config.workers.retry_backoff_seconds,
+            max_attempts=config.workers.max_attempts,
+        )
+    except LeaseLost:
+        return None
+
+
 def process_job(job, *, queue, store, detector, config: Config, worker: str) -> None:
     """Analyse one claimed job and record its outcome (complete or fail) in the queue."""
     job_log = log.bind(worker=worker, **job.log_context())
@@ -146,32 +161,33 @@ def process_job(job, *, queue, store, detector, config: Config, worker: str) -> 
             )
             gsps_uid = str(gsps.SOPInstanceUID)
             path = store.write_result(gsps, name=f"{gsps_uid}.dcm")
-    except PermanentError as error:
-        state = queue.fail_job(
-            job.id, worker=worker, error=str(error), retryable=False,
-            backoff_seconds=config.workers.retry_backoff_seconds,
-            max_attempts=config.workers.max_attempts,
-        )
-        job_log.error("job_failed", error=str(error), state=state)
-        return
     except Exception as error:
-        message = f"{type(error).__name__}: {error}"
-        state = queue.fail_job(
-            job.id, worker=worker, error=message, retryable=True,
-            backoff_seconds=config.workers.retry_backoff_seconds,
-            max_attempts=config.workers.max_attempts,
-        )
-        log_method = job_log.error if state == "failed" else job_log.warning
-        log_method("job_error_retry" if state != "failed" else "job_failed", error=message, state=state)
+        # PermanentError (corrupt pixels, unreadable file) fails at once; anything else
+        # is retried with backoff, up to workers.max_attempts.
+        retryable = not isinstance(error, PermanentError)
+        message = f"{type(error).__name__}: {error}" if retryable else str(error)
+        state = _fail(queue, job, worker, config, message, retryable=retryable)
+        if state is None:
+            job_log.warning("job_lease_lost")
+        elif state == "failed":
+            job_log.error("job_failed", error=message, state=state)
+        else:
+            job_log.warning("job_error_retry", error=message, state=state)
         return
-    queue.complete_job(
-        job.id,
-        worker=worker,
-        result_path=str(path),
-        result_sop_instance_uid=gsps_uid,
-        detections=analysis.detection_count,
-        destinations=[d.name for d in config.destinations],
-    )
+    try:
+        queue.complete_job(
+            job.id,
+            worker=worker,
+            result_path=str(path),
+            result_sop_instance_uid=gsps_uid,
+            detections=analysis.detection_count,
+            destinations=[d.name for d in config.destinations],
+        )
+    except LeaseLost:
+        # Our lease expired and another worker holds the job now; its result
+        # (same deterministic GSPS UID) is the one that counts.
+        job_log.warning("job_lease_lost")
+        return
     job_log.info(
         "job_done",
         images=len(analysis.images),
@@ -179,6 +195,22 @@ def process_job(job, *, queue, store, detector, config: Config, worker: str) -> 
         detections=analysis.detection_count,
         gsps_sop_instance_uid=gsps_uid,
     )
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker if the node process dies (prctl PR_SET_PDEATHSIG).
+
+    Without it a `kill -9` of the node would leave workers running on, claiming jobs
+    that a restarted node also works on.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux/glibc: the parent-pid check in the loop still stops the worker
 
 
 def resolve_device(setting: str) -> str:
@@ -191,8 +223,6 @@ def resolve_device(setting: str) -> str:
 
 def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds: float = 0.5) -> None:
     """Entry point of a worker process: load the model once, then claim jobs until told to stop."""
-    import signal
-
     from dicom_node.analyse.detector import load_detector
     from dicom_node.errors import CheckpointError
     from dicom_node.log import configure_logging
@@ -203,6 +233,8 @@ def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds
     # Ctrl-C in the foreground does not kill a worker in the middle of a job.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    parent_pid = os.getppid()
     configure_logging(config.logging.level, config.logging.format)
     worker_log = log.bind(worker=name)
     try:
@@ -218,8 +250,10 @@ def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds
     store = InstanceStore(config.node.data_dir, fsync=config.node.fsync)
     worker_log.info("worker_ready", device=device, architecture=config.detector.architecture)
     ready_queue.put((name, "ready", device))
-    while not stop_event.is_set():
-        job = queue.claim_next_job(worker=name, lease_seconds=config.workers.lease_seconds)
+    while not stop_event.is_set() and os.getppid() == parent_pid:
+        job = queue.claim_next_job(
+            worker=name, lease_seconds=config.workers.lease_seconds, max_attempts=config.workers.max_attempts
+        )
         if job is None:
             stop_event.wait(poll_seconds)
             continue

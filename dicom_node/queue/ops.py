@@ -1,0 +1,632 @@
+"""The queue: every SQL statement the node issues, as small named operations.
+
+One `Queue` (one engine) per process; the SCP process and each worker process
+open their own on the same SQLite file. SQLite runs in WAL mode, so readers never
+block the writer, and every write transaction starts with ``BEGIN IMMEDIATE``:
+it takes the database's single write lock up front, which makes read-then-write
+operations (claim a job, enqueue ready studies) atomic across processes, and a
+second writer waits (busy_timeout) instead of failing on a lock upgrade.
+
+Each public method is one short transaction, committed before it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from sqlalchemy import (
+    Connection,
+    Row,
+    Table,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    null,
+    or_,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
+
+from dicom_node.errors import NodeError
+from dicom_node.log import get_logger
+from dicom_node.queue.models import (
+    Delivery,
+    Instance,
+    Job,
+    State,
+    deliveries,
+    instances,
+    jobs,
+    studies,
+)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+BUSY_TIMEOUT_SECONDS = 30
+MAX_ERROR_CHARS = 2000
+_READ_ONLY = "dicom_node_read_only"  # execution option: plain (deferred) BEGIN for readers
+_NOUN = {"jobs": "job", "deliveries": "delivery"}
+
+log = get_logger(__name__)
+
+
+class LeaseLost(NodeError):
+    """The job or delivery is no longer held by this worker (its lease expired; it was reclaimed)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _configure_sqlite(engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # Take BEGIN away from the sqlite3 driver (it would emit a deferred BEGIN
+        # only before DML); the "begin" hook below emits our own.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_SECONDS * 1000}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is fsynced before it returns; the SCP answers Success after it.
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:
+        read_only = conn.get_execution_options().get(_READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _record(cls, row: Row, **extra):
+    """A frozen record (Job, Delivery, Instance) from a result row."""
+    mapping = row._mapping
+    values = {f.name: mapping[f.name] for f in fields(cls) if f.name in mapping}
+    if "state" in values:
+        values["state"] = State(values["state"])
+    return cls(**values, **extra)
+
+
+def _clip(error: str) -> str:
+    return error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 1] + "…"
+
+
+# --- Operations shared by jobs and deliveries (both carry the lease columns) ---------
+
+
+def _held(table: Table, row_id: int, worker: str | None):
+    """WHERE clause: this row is running under `worker` (any worker when None)."""
+    clause = and_(table.c.id == row_id, table.c.state == State.RUNNING)
+    return clause if worker is None else and_(clause, table.c.worker == worker)
+
+
+def _lease_lost(table: Table, row_id: int, worker: str | None) -> LeaseLost:
+    return LeaseLost(
+        f"{_NOUN[table.name]} {row_id} is not running under worker {worker!r} "
+        "(its lease expired and it was reclaimed, or it is already finished)"
+    )
+
+
+def _fail_exhausted_leases(conn: Connection, table: Table, *, max_attempts: int, now: datetime):
+    """Fail rows whose lease expired on their last allowed attempt (a worker keeps dying on them)."""
+    conn.execute(
+        update(table)
+        .where(table.c.state == State.RUNNING, table.c.lease_until < now)
+        .where(table.c.attempts >= max_attempts)
+        .values(
+            state=State.FAILED,
+            lease_until=None,
+            error="lease expired on the last attempt: the worker died or hung",
+            updated_at=now,
+        )
+    )
+
+
+def _claim(conn: Connection, table: Table, *, worker: str, lease_seconds: float, now: datetime):
+    """Take the oldest due pending row, or a running row whose lease expired, in one statement."""
+    due = or_(
+        and_(table.c.state == State.PENDING, table.c.run_after <= now),
+        and_(table.c.state == State.RUNNING, table.c.lease_until < now),
+    )
+    oldest = select(table.c.id).where(due).order_by(table.c.id).limit(1).scalar_subquery()
+    return conn.execute(
+        update(table)
+        .where(table.c.id == oldest)
+        .values(
+            state=State.RUNNING,
+            worker=worker,
+            lease_until=now + timedelta(seconds=lease_seconds),
+            attempts=table.c.attempts + 1,
+            updated_at=now,
+        )
+        .returning(*table.c)
+    ).one_or_none()
+
+
+def _extend_lease(
+    conn: Connection, table: Table, row_id: int, *, worker: str, lease_seconds: float, now: datetime
+) -> bool:
+    """Push the lease deadline forward, only while `worker` still holds the row."""
+    result = conn.execute(
+        update(table)
+        .where(_held(table, row_id, worker))
+        .values(lease_until=now + timedelta(seconds=lease_seconds), updated_at=now)
+    )
+    return result.rowcount == 1
+
+
+def _finish(
+    conn: Connection, table: Table, row_id: int, *, worker: str | None, now: datetime, **values
+) -> None:
+    """Mark a held row done (with `values`); LeaseLost if the worker no longer holds it."""
+    result = conn.execute(
+        update(table)
+        .where(_held(table, row_id, worker))
+        .values(state=State.DONE, lease_until=None, error=None, updated_at=now, **values)
+    )
+    if result.rowcount != 1:
+        raise _lease_lost(table, row_id, worker)
+
+
+def _fail(
+    conn: Connection,
+    table: Table,
+    row_id: int,
+    *,
+    worker: str | None,
+    error: str,
+    retryable: bool,
+    backoff_seconds: float,
+    max_backoff_seconds: float,
+    max_attempts: int,
+    now: datetime,
+) -> State:
+    """Back to pending after an exponential backoff, or failed for good; returns the new state."""
+    attempts = conn.scalar(select(table.c.attempts).where(_held(table, row_id, worker)))
+    if attempts is None:
+        raise _lease_lost(table, row_id, worker)
+    if retryable and attempts < max_attempts:
+        # attempts >= 1 here (a claim counts one): waits backoff, 2*backoff, 4*backoff...
+        delay = min(backoff_seconds * 2 ** min(attempts - 1, 20), max_backoff_seconds)
+        state, run_after = State.PENDING, now + timedelta(seconds=delay)
+    else:
+        state, run_after = State.FAILED, now
+    conn.execute(
+        update(table)
+        .where(table.c.id == row_id)
+        .values(state=state, run_after=run_after, lease_until=None, error=_clip(error), updated_at=now)
+    )
+    return state
+
+
+def _requeue(table: Table, *, now: datetime):
+    """UPDATE that puts failed rows back to pending with a fresh attempt budget (add a WHERE)."""
+    return (
+        update(table)
+        .where(table.c.state == State.FAILED)
+        .values(state=State.PENDING, attempts=0, run_after=now, lease_until=None, updated_at=now)
+    )
+
+
+# --- Study and job operations ---------------------------------------------------------
+
+
+def _touch_study(study_uid: str, now: datetime):
+    """Create the study row, or count one more instance and move its last_received_at."""
+    stmt = sqlite_insert(studies).values(
+        study_uid=study_uid,
+        first_received_at=now,
+        last_received_at=now,
+        instance_count=1,
+        enqueued_instance_count=0,
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[studies.c.study_uid],
+        set_={"last_received_at": now, "instance_count": studies.c.instance_count + 1},
+    )
+
+
+def _has_pending_job(conn: Connection, study_uid: str) -> bool:
+    stmt = select(jobs.c.id).where(jobs.c.study_uid == study_uid, jobs.c.state == State.PENDING)
+    return conn.scalar(stmt.limit(1)) is not None
+
+
+def _insert_job(conn: Connection, study_uid: str, now: datetime) -> int:
+    """A pending job for the study's next generation (jobs it has had + 1)."""
+    had = conn.scalar(select(func.count()).select_from(jobs).where(jobs.c.study_uid == study_uid))
+    return conn.scalar(
+        insert(jobs)
+        .values(
+            study_uid=study_uid,
+            generation=had + 1,
+            state=State.PENDING,
+            attempts=0,
+            run_after=now,
+            created_at=now,
+            updated_at=now,
+        )
+        .returning(jobs.c.id)
+    )
+
+
+def _jobs_with_deliveries(conn: Connection, rows) -> list[Job]:
+    ids = [row.id for row in rows]
+    by_job: dict[int, list[Delivery]] = {job_id: [] for job_id in ids}
+    if ids:
+        stmt = select(deliveries).where(deliveries.c.job_id.in_(ids)).order_by(deliveries.c.id)
+        for row in conn.execute(stmt):
+            by_job[row.job_id].append(_record(Delivery, row))
+    return [_record(Job, row, deliveries=tuple(by_job[row.id])) for row in rows]
+
+
+def _count_by_state(conn: Connection, table: Table) -> dict[str, int]:
+    found = dict(conn.execute(select(table.c.state, func.count()).group_by(table.c.state)).all())
+    return {state.value: found.get(state.value, 0) for state in State}
+
+
+def _latest_errors(limit: int):
+    """SELECT the newest errors still carried by a job or a delivery."""
+    job_errors = select(
+        jobs.c.id.label("job_id"),
+        jobs.c.study_uid,
+        null().label("destination"),
+        jobs.c.error,
+        jobs.c.updated_at.label("at"),
+    ).where(jobs.c.error.is_not(None))
+    delivery_errors = (
+        select(
+            deliveries.c.job_id,
+            jobs.c.study_uid,
+            deliveries.c.destination,
+            deliveries.c.error,
+            deliveries.c.updated_at,
+        )
+        .join(jobs, jobs.c.id == deliveries.c.job_id)
+        .where(deliveries.c.error.is_not(None))
+    )
+    both = union_all(job_errors, delivery_errors).subquery()
+    return select(both).order_by(both.c.at.desc()).limit(limit)
+
+
+class Queue:
+    """The node's durable queue: instances, studies, analysis jobs and deliveries."""
+
+    def __init__(self, database_url: str):
+        url = make_url(database_url)
+        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+            raise ValueError(f"{database_url!r}: the queue needs a SQLite file (sqlite:///path)")
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        self._engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_SECONDS})
+        _configure_sqlite(self._engine)
+        self._reader = self._engine.execution_options(**{_READ_ONLY: True})
+
+    def close(self) -> None:
+        """Close pooled connections (call before the process exits or forks)."""
+        self._engine.dispose()
+
+    def _write(self):
+        return self._engine.begin()  # BEGIN IMMEDIATE ... COMMIT
+
+    def _read(self):
+        return self._reader.begin()  # BEGIN (a consistent WAL snapshot) ... COMMIT
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (idempotent; safe from many processes)."""
+        # Alembic narrates its imports and every run at INFO; one event of ours says what changed.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        from alembic import command
+        from alembic.config import Config as AlembicConfig
+        from alembic.runtime.migration import MigrationContext
+
+        config = AlembicConfig()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self._write() as conn:
+            before = MigrationContext.configure(conn).get_current_revision()
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+            after = MigrationContext.configure(conn).get_current_revision()
+        if after != before:
+            log.info("schema_migrated", from_revision=before, to_revision=after)
+
+    # --- receiving ---------------------------------------------------------------
+
+    def record_instance(
+        self,
+        *,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_uid: str,
+        series_uid: str,
+        path: str,
+        transfer_syntax: str,
+        calling_ae: str,
+        size_bytes: int,
+        now: datetime | None = None,
+    ) -> bool:
+        """Record a stored instance, committed on return; False if the UID was already recorded.
+
+        A duplicate (a re-sent instance) changes nothing, not even the study's
+        timestamps: one stored instance, one analysis.
+        """
+        now = now or utcnow()
+        with self._write() as conn:
+            known = select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)
+            if conn.scalar(known) is not None:
+                return False
+            conn.execute(_touch_study(study_uid, now))
+            conn.execute(
+                insert(instances).values(
+                    sop_instance_uid=sop_instance_uid,
+                    sop_class_uid=sop_class_uid,
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    path=str(path),
+                    transfer_syntax=transfer_syntax,
+                    calling_ae=calling_ae,
+                    size_bytes=size_bytes,
+                    received_at=now,
+                )
+            )
+        return True
+
+    def study_instances(self, study_uid: str) -> list[Instance]:
+        """The study's instances, by series then arrival."""
+        stmt = (
+            select(instances)
+            .where(instances.c.study_uid == study_uid)
+            .order_by(instances.c.series_uid, instances.c.id)
+        )
+        with self._read() as conn:
+            return [_record(Instance, row) for row in conn.execute(stmt)]
+
+    # --- jobs --------------------------------------------------------------------
+
+    def enqueue_ready_studies(self, *, stable_seconds: float, now: datetime | None = None) -> list[int]:
+        """Create one pending job per study that is ready; returns the new job ids.
+
+        Ready: no instance for `stable_seconds`, and instances recorded since the
+        study was last enqueued. If the study still has a pending job, that job
+        takes the new instances (a job reads the study's instances when it runs),
+        so no second job is made; otherwise the next generation is created.
+        """
+        now = now or utcnow()
+        quiet_since = now - timedelta(seconds=stable_seconds)
+        ready = (
+            select(studies.c.study_uid, studies.c.instance_count)
+            .where(studies.c.instance_count > studies.c.enqueued_instance_count)
+            .where(studies.c.last_received_at <= quiet_since)
+            .order_by(studies.c.last_received_at)
+        )
+        created = []
+        with self._write() as conn:
+            for study_uid, instance_count in conn.execute(ready).all():
+                if not _has_pending_job(conn, study_uid):
+                    created.append(_insert_job(conn, study_uid, now))
+                conn.execute(
+                    update(studies)
+                    .where(studies.c.study_uid == study_uid)
+                    .values(enqueued_instance_count=instance_count, last_enqueued_at=now)
+                )
+        return created
+
+    def claim_next_job(
+        self,
+        *,
+        worker: str,
+        lease_seconds: float,
+        max_attempts: int | None = None,
+        now: datetime | None = None,
+    ) -> Job | None:
+        """Take the oldest due pending job, or one whose worker's lease expired; None if none.
+
+        With `max_attempts`, an expired job already tried that often is failed
+        instead of reclaimed, so a job that kills its worker cannot loop forever.
+        """
+        now = now or utcnow()
+        with self._write() as conn:
+            if max_attempts is not None:
+                _fail_exhausted_leases(conn, jobs, max_attempts=max_attempts, now=now)
+            row = _claim(conn, jobs, worker=worker, lease_seconds=lease_seconds, now=now)
+        return None if row is None else _record(Job, row)
+
+    def heartbeat_job(
+        self, job_id: int, *, worker: str, lease_seconds: float, now: datetime | None = None
+    ) -> bool:
+        """Extend the job's lease; False if `worker` no longer holds it (stop working on it)."""
+        with self._write() as conn:
+            return _extend_lease(
+                conn, jobs, job_id, worker=worker, lease_seconds=lease_seconds, now=now or utcnow()
+            )
+
+    def complete_job(
+        self,
+        job_id: int,
+        *,
+        worker: str,
+        result_path: str,
+        result_sop_instance_uid: str,
+        detections: int,
+        destinations: list[str],
+        now: datetime | None = None,
+    ) -> None:
+        """Mark the job done and create one pending delivery per destination, in one transaction.
+
+        Raises LeaseLost (and changes nothing) if `worker` no longer holds the job.
+        """
+        now = now or utcnow()
+        with self._write() as conn:
+            _finish(
+                conn,
+                jobs,
+                job_id,
+                worker=worker,
+                now=now,
+                result_path=str(result_path),
+                result_sop_instance_uid=result_sop_instance_uid,
+                detections=detections,
+            )
+            rows = [
+                {
+                    "job_id": job_id,
+                    "destination": destination,
+                    "path": str(result_path),
+                    "sop_instance_uid": result_sop_instance_uid,
+                    "state": State.PENDING,
+                    "attempts": 0,
+                    "run_after": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for destination in dict.fromkeys(destinations)
+            ]
+            if rows:
+                conn.execute(insert(deliveries), rows)
+
+    def fail_job(
+        self,
+        job_id: int,
+        *,
+        worker: str,
+        error: str,
+        retryable: bool,
+        backoff_seconds: float,
+        max_attempts: int,
+        now: datetime | None = None,
+    ) -> str:
+        """Record a failed attempt; returns the new state ('pending' for a retry, or 'failed').
+
+        Retryable with attempts left: pending again after backoff_seconds * 2**(attempts-1).
+        Raises LeaseLost if `worker` no longer holds the job.
+        """
+        with self._write() as conn:
+            return _fail(
+                conn,
+                jobs,
+                job_id,
+                worker=worker,
+                error=error,
+                retryable=retryable,
+                backoff_seconds=backoff_seconds,
+                max_backoff_seconds=float("inf"),
+                max_attempts=max_attempts,
+                now=now or utcnow(),
+            )
+
+    def retry_job(self, job_id: int, *, now: datetime | None = None) -> bool:
+        """Retry what failed: a failed job, or a done job's failed deliveries.
+
+        Returns True if something went back to pending; False for an unknown id
+        or a job with nothing failed.
+        """
+        now = now or utcnow()
+        with self._write() as conn:
+            job = conn.execute(_requeue(jobs, now=now).where(jobs.c.id == job_id))
+            delivery = conn.execute(_requeue(deliveries, now=now).where(deliveries.c.job_id == job_id))
+            return job.rowcount + delivery.rowcount > 0
+
+    def get_job(self, job_id: int) -> Job | None:
+        """One job with its deliveries, or None."""
+        with self._read() as conn:
+            rows = conn.execute(select(jobs).where(jobs.c.id == job_id)).all()
+            found = _jobs_with_deliveries(conn, rows)
+        return found[0] if found else None
+
+    def list_jobs(self, *, state: str | None = None, limit: int = 50) -> list[Job]:
+        """The newest jobs (optionally in one state), each with its deliveries."""
+        stmt = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if state is not None:
+            stmt = stmt.where(jobs.c.state == State(state))
+        with self._read() as conn:
+            return _jobs_with_deliveries(conn, conn.execute(stmt).all())
+
+    # --- deliveries --------------------------------------------------------------
+
+    def claim_next_delivery(
+        self,
+        *,
+        worker: str,
+        lease_seconds: float,
+        max_attempts: int | None = None,
+        now: datetime | None = None,
+    ) -> Delivery | None:
+        """Take the oldest due pending delivery, or one whose lease expired; None if none."""
+        now = now or utcnow()
+        with self._write() as conn:
+            if max_attempts is not None:
+                _fail_exhausted_leases(conn, deliveries, max_attempts=max_attempts, now=now)
+            row = _claim(conn, deliveries, worker=worker, lease_seconds=lease_seconds, now=now)
+        return None if row is None else _record(Delivery, row)
+
+    def heartbeat_delivery(
+        self, delivery_id: int, *, worker: str, lease_seconds: float, now: datetime | None = None
+    ) -> bool:
+        """Extend the delivery's lease; False if `worker` no longer holds it."""
+        with self._write() as conn:
+            return _extend_lease(
+                conn, deliveries, delivery_id, worker=worker, lease_seconds=lease_seconds,
+                now=now or utcnow(),
+            )
+
+    def complete_delivery(
+        self, delivery_id: int, *, worker: str | None = None, now: datetime | None = None
+    ) -> None:
+        """Mark the delivery done; LeaseLost if it is not running (under `worker`, when given)."""
+        with self._write() as conn:
+            _finish(conn, deliveries, delivery_id, worker=worker, now=now or utcnow())
+
+    def fail_delivery(
+        self,
+        delivery_id: int,
+        *,
+        error: str,
+        retryable: bool,
+        backoff_seconds: float,
+        max_backoff_seconds: float,
+        max_attempts: int,
+        worker: str | None = None,
+        now: datetime | None = None,
+    ) -> str:
+        """Record a failed send: pending again after a backoff capped at max_backoff_seconds, or failed.
+
+        Returns the new state; raises LeaseLost if the delivery is not running (under `worker`).
+        """
+        with self._write() as conn:
+            return _fail(
+                conn,
+                deliveries,
+                delivery_id,
+                worker=worker,
+                error=error,
+                retryable=retryable,
+                backoff_seconds=backoff_seconds,
+                max_backoff_seconds=max_backoff_seconds,
+                max_attempts=max_attempts,
+                now=now or utcnow(),
+            )
+
+    # --- reporting ---------------------------------------------------------------
+
+    def stats(self, *, last_errors: int = 5, now: datetime | None = None) -> dict:
+        """Counts per job and delivery state, the oldest pending job's age, the latest errors.
+
+        Errors are those still carried by a job or delivery (cleared on success), newest
+        first, as {"job_id", "study_uid", "destination" (None for a job's own), "error", "at"}.
+        """
+        now = now or utcnow()
+        oldest_pending = select(func.min(jobs.c.created_at)).where(jobs.c.state == State.PENDING)
+        with self._read() as conn:
+            counts = {table.name: _count_by_state(conn, table) for table in (jobs, deliveries)}
+            oldest = conn.scalar(oldest_pending)
+            errors = [dict(row._mapping) for row in conn.execute(_latest_errors(last_errors))]
+        return {
+            **counts,
+            "oldest_pending_job_age_seconds": None if oldest is None else (now - oldest).total_seconds(),
+            "last_errors": errors,
+        }

@@ -1,0 +1,107 @@
+"""A real `dicom-node serve` process for integration tests.
+
+The node is started with a config written by the test, on port 0; its port is read
+from the `node_ready` JSON log line. Its stderr (JSON lines) is kept for assertions
+(e.g. that no PHI reaches the logs) and printed when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+READY_TIMEOUT_SECONDS = 240
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, sections: dict, destinations: list[dict] = ()) -> Path:
+    """Write a node config TOML from {section: {key: value}} and a destinations list."""
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+    for destination in destinations:
+        lines.append("[[destinations]]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in destination.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class NodeProcess:
+    def __init__(self, config_path: Path):
+        self.config_path = config_path
+        self.lines: list[str] = []
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+        self._ready = threading.Event()
+
+    def start(self) -> "NodeProcess":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while not self._ready.wait(0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("dicom-node did not become ready:\n" + self.output())
+        return self
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            event = self._parse(line)
+            if event.get("event") == "node_ready":
+                self.port = int(event["port"])
+                self._ready.set()
+
+    @staticmethod
+    def _parse(line: str) -> dict:
+        try:
+            value = json.loads(line)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def events(self, name: str | None = None) -> list[dict]:
+        parsed = [self._parse(line) for line in list(self.lines)]
+        return [e for e in parsed if e and (name is None or e.get("event") == name)]
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, timeout: float = 120) -> int:
+        """SIGTERM, as systemd stops it; returns the exit status."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL: a crash at an arbitrary moment."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

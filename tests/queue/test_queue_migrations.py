@@ -1,0 +1,53 @@
+"""Schema and connection set-up: Alembic migrations, SQLite pragmas."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine
+
+from dicom_node.queue import Queue
+from dicom_node.queue.models import metadata
+from tests.queue.queue_helpers import T0, new_uid, record
+
+
+def test_migrate_twice_keeps_the_data(queue, database_url, tmp_path):
+    record(queue, new_uid(), now=T0)
+    queue.migrate()
+    again = Queue(database_url)
+    try:
+        again.migrate()
+    finally:
+        again.close()
+    with sqlite3.connect(tmp_path / "queue.sqlite") as raw:
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+        assert raw.execute("SELECT count(*) FROM instances").fetchone() == (1,)
+
+
+def test_migrations_create_exactly_the_models_schema(queue, database_url):
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            differences = compare_metadata(MigrationContext.configure(conn), metadata)
+    finally:
+        engine.dispose()
+    assert differences == []
+
+
+def test_connections_use_wal_full_sync_busy_timeout_and_foreign_keys(queue, tmp_path):
+    with sqlite3.connect(tmp_path / "queue.sqlite") as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # stored in the file
+    with queue._engine.connect() as conn:  # per-connection settings
+        pragma = conn.exec_driver_sql
+        assert pragma("PRAGMA synchronous").scalar() == 2  # FULL
+        assert pragma("PRAGMA foreign_keys").scalar() == 1
+        assert pragma("PRAGMA busy_timeout").scalar() >= 10_000
+
+
+@pytest.mark.parametrize("url", ["postgresql://localhost/db", "sqlite://", "sqlite:///:memory:"])
+def test_queue_needs_a_sqlite_file(url):
+    with pytest.raises(ValueError, match="needs a SQLite file"):
+        Queue(url)

@@ -1,0 +1,327 @@
+"""Queue operations on a real SQLite file: receiving, readiness, leases, retries, deliveries."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from dicom_node.queue import LeaseLost, Queue, State
+from tests.queue.queue_helpers import T0, new_uid, record
+
+LEASE = 60.0
+
+
+def s(seconds: float) -> timedelta:
+    return timedelta(seconds=seconds)
+
+
+def ready_job(queue: Queue, *, now=T0) -> int:
+    """Record one instance of a new study and enqueue it; returns the job id."""
+    study = new_uid()
+    record(queue, study, now=now)
+    (job_id,) = queue.enqueue_ready_studies(stable_seconds=0, now=now)
+    return job_id
+
+
+# --- receiving ---------------------------------------------------------------------
+
+
+def test_record_instance_is_idempotent_and_duplicates_leave_the_study_alone(queue, database_url):
+    study, sop = new_uid(), new_uid()
+    assert record(queue, study, sop_instance_uid=sop, now=T0) is True
+    # The same instance re-sent much later: one stored instance, and the study is
+    # not made "recent" again (it stays ready at T0 + 10 s).
+    assert record(queue, study, sop_instance_uid=sop, now=T0 + s(5)) is False
+
+    # Committed before returning: a second engine (another process) sees it.
+    other = Queue(database_url)
+    try:
+        (instance,) = other.study_instances(study)
+    finally:
+        other.close()
+    assert instance.sop_instance_uid == sop
+    assert instance.received_at == T0
+    assert instance.received_at.tzinfo is not None
+    assert len(queue.enqueue_ready_studies(stable_seconds=10, now=T0 + s(10))) == 1
+
+
+def test_naive_datetimes_are_refused(queue):
+    with pytest.raises(Exception, match="naive datetime"):
+        record(queue, new_uid(), now=T0.replace(tzinfo=None))
+
+
+def test_study_instances_lists_only_that_study(queue):
+    study, other = new_uid(), new_uid()
+    sops = [new_uid() for _ in range(3)]
+    for i, sop in enumerate(sops):
+        record(queue, study, sop_instance_uid=sop, now=T0 + s(i))
+    record(queue, other, now=T0)
+    assert [i.sop_instance_uid for i in queue.study_instances(study)] == sops
+
+
+# --- readiness ---------------------------------------------------------------------
+
+
+def test_study_is_enqueued_once_it_has_been_quiet_for_stable_seconds(queue):
+    study = new_uid()
+    record(queue, study, now=T0)
+    record(queue, study, now=T0 + s(4))
+    assert queue.enqueue_ready_studies(stable_seconds=10, now=T0 + s(13)) == []
+
+    (job_id,) = queue.enqueue_ready_studies(stable_seconds=10, now=T0 + s(14))
+    job = queue.get_job(job_id)
+    assert (job.study_uid, job.generation, job.state) == (study, 1, State.PENDING)
+    # Nothing new: calling again creates nothing.
+    assert queue.enqueue_ready_studies(stable_seconds=10, now=T0 + s(60)) == []
+
+
+def test_instance_after_analysis_starts_generation_two(queue):
+    study = new_uid()
+    record(queue, study, now=T0)
+    (first,) = queue.enqueue_ready_studies(stable_seconds=0, now=T0)
+    queue.claim_next_job(worker="w1", lease_seconds=LEASE, now=T0)
+    queue.complete_job(
+        first, worker="w1", result_path="/r/1.dcm", result_sop_instance_uid=new_uid(),
+        detections=0, destinations=[], now=T0 + s(1),
+    )
+    record(queue, study, now=T0 + s(100))
+    (second,) = queue.enqueue_ready_studies(stable_seconds=10, now=T0 + s(110))
+    job = queue.get_job(second)
+    assert (job.study_uid, job.generation, job.state) == (study, 2, State.PENDING)
+    assert len(queue.study_instances(study)) == 2
+
+
+def test_instance_while_job_still_pending_joins_that_job(queue):
+    study = new_uid()
+    record(queue, study, now=T0)
+    (job_id,) = queue.enqueue_ready_studies(stable_seconds=0, now=T0)
+    record(queue, study, now=T0 + s(1))
+    assert queue.enqueue_ready_studies(stable_seconds=0, now=T0 + s(2)) == []
+    assert [j.id for j in queue.list_jobs()] == [job_id]
+
+
+# --- jobs: leases, retries ---------------------------------------------------------
+
+
+def test_claim_takes_oldest_due_job_and_sets_the_lease(queue):
+    first, second = ready_job(queue), ready_job(queue)
+    job = queue.claim_next_job(worker="w1", lease_seconds=LEASE, now=T0)
+    assert (job.id, job.state, job.worker, job.attempts) == (first, State.RUNNING, "w1", 1)
+    assert job.lease_until == T0 + s(LEASE)
+    assert job.log_context() == {"job_id": first, "study_uid": job.study_uid, "generation": 1}
+    assert queue.claim_next_job(worker="w2", lease_seconds=LEASE, now=T0).id == second
+    assert queue.claim_next_job(worker="w3", lease_seconds=LEASE, now=T0) is None
+
+
+def test_expired_lease_is_reclaimed_and_the_stale_worker_cannot_finish(queue):
+    job_id = ready_job(queue)
+    queue.claim_next_job(worker="dead", lease_seconds=LEASE, now=T0)
+    assert queue.claim_next_job(worker="w2", lease_seconds=LEASE, now=T0 + s(LEASE - 1)) is None
+
+    job = queue.claim_next_job(worker="w2", lease_seconds=LEASE, now=T0 + s(LEASE + 1))
+    assert (job.id, job.worker, job.attempts) == (job_id, "w2", 2)
+
+    assert queue.heartbeat_job(job_id, worker="dead", lease_seconds=LEASE) is False
+    with pytest.raises(LeaseLost, match=f"job {job_id} is not running under worker 'dead'"):
+        queue.complete_job(
+            job_id, worker="dead", result_path="/r.dcm", result_sop_instance_uid=new_uid(),
+            detections=1, destinations=["pacs"],
+        )
+    with pytest.raises(LeaseLost):
+        queue.fail_job(
+            job_id, worker="dead", error="x", retryable=True, backoff_seconds=1, max_attempts=3
+        )
+    job = queue.get_job(job_id)
+    assert (job.state, job.worker, job.deliveries) == (State.RUNNING, "w2", ())
+
+
+def test_heartbeat_keeps_the_job_from_being_reclaimed(queue):
+    job_id = ready_job(queue)
+    queue.claim_next_job(worker="w1", lease_seconds=LEASE, now=T0)
+    assert queue.heartbeat_job(job_id, worker="w1", lease_seconds=LEASE, now=T0 + s(50)) is True
+    assert queue.claim_next_job(worker="w2", lease_seconds=LEASE, now=T0 + s(LEASE + 1)) is None
+    assert queue.get_job(job_id).lease_until == T0 + s(50 + LEASE)
+
+
+def test_retryable_failure_backs_off_exponentially_then_fails(queue):
+    job_id = ready_job(queue)
+    now = T0
+    for attempt, delay in ((1, 30), (2, 60)):
+        job = queue.claim_next_job(worker="w", lease_seconds=LEASE, now=now)
+        assert (job.id, job.attempts) == (job_id, attempt)
+        state = queue.fail_job(
+            job_id, worker="w", error=f"busy {attempt}", retryable=True, backoff_seconds=30,
+            max_attempts=3, now=now,
+        )
+        assert state == "pending"
+        assert queue.claim_next_job(worker="w", lease_seconds=LEASE, now=now + s(delay - 1)) is None
+        now += s(delay)
+    assert queue.claim_next_job(worker="w", lease_seconds=LEASE, now=now).attempts == 3
+    state = queue.fail_job(
+        job_id, worker="w", error="busy 3", retryable=True, backoff_seconds=30, max_attempts=3, now=now
+    )
+    job = queue.get_job(job_id)
+    assert state == job.state == State.FAILED
+    assert job.error == "busy 3"
+    assert queue.claim_next_job(worker="w", lease_seconds=LEASE, now=now + s(10**6)) is None
+
+
+def test_permanent_failure_fails_at_once(queue):
+    job_id = ready_job(queue)
+    queue.claim_next_job(worker="w", lease_seconds=LEASE, now=T0)
+    state = queue.fail_job(
+        job_id, worker="w", error="not a mammogram", retryable=False, backoff_seconds=30,
+        max_attempts=3,
+    )
+    assert state == "failed"
+    assert queue.get_job(job_id).attempts == 1
+
+
+def test_job_whose_worker_keeps_dying_fails_after_max_attempts(queue):
+    job_id = ready_job(queue)
+    now = T0
+    for _ in range(2):
+        job = queue.claim_next_job(worker="w", lease_seconds=LEASE, max_attempts=2, now=now)
+        assert job.id == job_id
+        now += s(LEASE + 1)  # the worker died: its lease runs out
+    assert queue.claim_next_job(worker="w", lease_seconds=LEASE, max_attempts=2, now=now) is None
+    job = queue.get_job(job_id)
+    assert job.state == State.FAILED
+    assert "lease expired" in job.error
+
+
+# --- completion and deliveries -----------------------------------------------------
+
+
+def test_completion_stores_the_result_and_creates_one_delivery_per_destination(queue):
+    job_id = ready_job(queue)
+    queue.claim_next_job(worker="w", lease_seconds=LEASE, now=T0)
+    result_uid = new_uid()
+    queue.complete_job(
+        job_id, worker="w", result_path="/results/gsps.dcm", result_sop_instance_uid=result_uid,
+        detections=2, destinations=["pacs", "archive", "pacs"], now=T0 + s(5),
+    )
+    job = queue.get_job(job_id)
+    assert (job.state, job.result_path, job.result_sop_instance_uid, job.detections) == (
+        State.DONE, "/results/gsps.dcm", result_uid, 2,
+    )
+    assert [(d.destination, d.state, d.path, d.sop_instance_uid) for d in job.deliveries] == [
+        ("pacs", State.PENDING, "/results/gsps.dcm", result_uid),
+        ("archive", State.PENDING, "/results/gsps.dcm", result_uid),
+    ]
+    claimed = queue.claim_next_delivery(worker="d1", lease_seconds=LEASE, now=T0 + s(5))
+    assert (claimed.destination, claimed.attempts, claimed.worker) == ("pacs", 1, "d1")
+    queue.complete_delivery(claimed.id, worker="d1")
+    with pytest.raises(LeaseLost):
+        queue.complete_delivery(claimed.id, worker="d1")
+    assert [d.state for d in queue.get_job(job_id).deliveries] == [State.DONE, State.PENDING]
+
+
+def test_delivery_backoff_is_capped_then_fails_with_the_reason(queue):
+    job_id = ready_job(queue)
+    queue.claim_next_job(worker="w", lease_seconds=LEASE, now=T0)
+    queue.complete_job(
+        job_id, worker="w", result_path="/r.dcm", result_sop_instance_uid=new_uid(),
+        detections=0, destinations=["pacs"], now=T0,
+    )
+    now, waits = T0, []
+    while True:
+        delivery = queue.claim_next_delivery(worker="d", lease_seconds=LEASE, now=now)
+        state = queue.fail_delivery(
+            delivery.id, worker="d", error="association rejected", retryable=True,
+            backoff_seconds=10, max_backoff_seconds=25, max_attempts=4, now=now,
+        )
+        if state == "failed":
+            break
+        run_after = queue.get_job(job_id).deliveries[0].run_after
+        waits.append((run_after - now).total_seconds())
+        now = run_after
+    assert waits == [10, 20, 25]
+    (delivery,) = queue.get_job(job_id).deliveries
+    assert (delivery.state, delivery.attempts) == (State.FAILED, 4)
+    assert delivery.error == "association rejected"
+
+
+def test_retry_job_revives_a_failed_job(queue):
+    job_id = ready_job(queue)
+    queue.claim_next_job(worker="w", lease_seconds=LEASE, now=T0)
+    queue.fail_job(
+        job_id, worker="w", error="boom", retryable=False, backoff_seconds=1, max_attempts=3
+    )
+    assert queue.retry_job(job_id, now=T0 + s(1)) is True
+    job = queue.get_job(job_id)
+    assert (job.state, job.attempts) == (State.PENDING, 0)
+    assert queue.claim_next_job(worker="w", lease_seconds=LEASE, now=T0 + s(1)).id == job_id
+    assert queue.retry_job(job_id) is False  # running: nothing to retry
+    assert queue.retry_job(987654) is False
+
+
+def test_retry_job_redelivers_failed_deliveries_of_a_done_job(queue):
+    job_id = ready_job(queue)
+    queue.claim_next_job(worker="w", lease_seconds=LEASE, now=T0)
+    queue.complete_job(
+        job_id, worker="w", result_path="/r.dcm", result_sop_instance_uid=new_uid(),
+        detections=0, destinations=["pacs", "archive"], now=T0,
+    )
+    pacs = queue.claim_next_delivery(worker="d", lease_seconds=LEASE, now=T0)
+    queue.fail_delivery(
+        pacs.id, error="refused", retryable=False, backoff_seconds=1, max_backoff_seconds=1,
+        max_attempts=5, now=T0,
+    )
+    archive = queue.claim_next_delivery(worker="d", lease_seconds=LEASE, now=T0)
+    queue.complete_delivery(archive.id, now=T0)
+
+    assert queue.retry_job(job_id, now=T0 + s(1)) is True
+    job = queue.get_job(job_id)
+    assert job.state == State.DONE
+    assert [(d.destination, d.state, d.attempts) for d in job.deliveries] == [
+        ("pacs", State.PENDING, 0),
+        ("archive", State.DONE, 1),
+    ]
+    assert queue.claim_next_delivery(worker="d", lease_seconds=LEASE, now=T0 + s(1)).id == pacs.id
+
+
+# --- listing and stats -------------------------------------------------------------
+
+
+def test_list_jobs_filters_by_state_newest_first(queue):
+    first, second, third = (ready_job(queue) for _ in range(3))
+    queue.claim_next_job(worker="w", lease_seconds=LEASE, now=T0)
+    assert [j.id for j in queue.list_jobs()] == [third, second, first]
+    assert [j.id for j in queue.list_jobs(state="pending")] == [third, second]
+    assert [j.id for j in queue.list_jobs(state="running")] == [first]
+    assert [j.id for j in queue.list_jobs(limit=1)] == [third]
+    with pytest.raises(ValueError, match="nonsense"):
+        queue.list_jobs(state="nonsense")
+    assert queue.get_job(987654) is None
+
+
+def test_stats_counts_states_oldest_pending_age_and_last_errors(queue):
+    failed, delivered, _pending = ready_job(queue), ready_job(queue), ready_job(queue, now=T0 + s(10))
+    queue.claim_next_job(worker="w", lease_seconds=LEASE, now=T0)
+    queue.fail_job(
+        failed, worker="w", error="bad pixels", retryable=False, backoff_seconds=1, max_attempts=1,
+        now=T0 + s(20),
+    )
+    queue.claim_next_job(worker="w", lease_seconds=LEASE, now=T0)
+    queue.complete_job(
+        delivered, worker="w", result_path="/r.dcm", result_sop_instance_uid=new_uid(),
+        detections=1, destinations=["pacs", "archive"], now=T0,
+    )
+    delivery = queue.claim_next_delivery(worker="d", lease_seconds=LEASE, now=T0)
+    queue.fail_delivery(
+        delivery.id, error="connection refused", retryable=True, backoff_seconds=5,
+        max_backoff_seconds=5, max_attempts=3, now=T0 + s(30),
+    )
+
+    stats = queue.stats(now=T0 + s(100))
+    assert stats["jobs"] == {"pending": 1, "running": 0, "done": 1, "failed": 1}
+    assert stats["deliveries"] == {"pending": 2, "running": 0, "done": 0, "failed": 0}
+    assert stats["oldest_pending_job_age_seconds"] == 90
+    assert [(e["job_id"], e["destination"], e["error"], e["at"]) for e in stats["last_errors"]] == [
+        (delivered, "pacs", "connection refused", T0 + s(30)),
+        (failed, None, "bad pixels", T0 + s(20)),
+    ]
+    assert stats["last_errors"][1]["study_uid"] == queue.get_job(failed).study_uid
+    assert len(queue.stats(last_errors=1)["last_errors"]) == 1
