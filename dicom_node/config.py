@@ -139,17 +139,20 @@ class DetectorConfig(_Section):
         return Path(self.weights)
 
 
+LongString = Annotated[str, Field(min_length=1, max_length=64)]  # LO: at most 64 characters
+
+
 class ReportConfig(_Section):
-    manufacturer: str = "dicom-node"
-    series_description: str = "AI mass detection (dicom-node, not for diagnosis)"
+    manufacturer: LongString = "dicom-node"
+    series_description: LongString = "AI mass detection (dicom-node, not for diagnosis)"
     content_label: str = "MASS_CAD"
-    content_creator_name: str = "DICOM_NODE^AI"
+    content_creator_name: LongString = "DICOM_NODE^AI"
     graphic_layer: str = "MASS_DETECTIONS"
     series_number: Annotated[int, Field(ge=1)] = 9901
 
-    @field_validator("content_label")
+    @field_validator("content_label", "graphic_layer")
     @classmethod
-    def _content_label(cls, value: str) -> str:
+    def _code_string(cls, value: str) -> str:
         # PS3.3 C.10.9 Content Label is a CS: upper case, digits, space, underscore, <= 16.
         if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", value):
             raise ValueError(f"{value!r} is not a valid CS (A-Z, 0-9, space, _; at most 16)")

@@ -132,6 +132,7 @@ def report_study(paths, detector, config: Config, *, study_uid: str, generation:
         sop_instance_uid=result_uid(study_uid, generation, "gsps-instance"),
         series_instance_uid=result_uid(study_uid, generation, "gsps-series"),
         skipped=analysis.skipped,
+        frames=analysis.frames,
     )
     return gsps, analysis
 

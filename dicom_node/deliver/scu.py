@@ -1,0 +1,220 @@
+"""C-STORE SCU and C-ECHO to the configured destinations (pynetdicom).
+
+Outcome of a send, and why:
+
+- Success (0x0000) and the C-STORE warnings of PS3.4 B.2.3 (0xB000 coercion of data
+  elements, 0xB006 elements discarded, 0xB007 data set does not match SOP class): the
+  destination stored the object, so the delivery is done.
+- Duplicate SOP Instance (0x0111, PS3.7 C.4.1): the destination already holds this object,
+  typically because an earlier attempt succeeded and its response was lost: also done.
+- PermanentError, a retry of the same object to the same peer cannot succeed until someone
+  changes something: association rejected-permanent (e.g. our AE title not known there, PS3.8
+  9.3.4), no presentation context accepted for the object's SOP class, and the statuses
+  0xA9xx (data set does not match SOP class), 0x0122 (SOP class not supported), 0x0117
+  (invalid object instance) and 0x0124 (not authorised). The error names the destination and
+  the status; after fixing the configuration, the delivery can be retried by hand.
+- RetryableError, everything else: cannot connect, timeouts, aborts, rejected-transient,
+  0xA7xx (out of resources), 0xCxxx (cannot understand: PACSs use it for any internal
+  failure, which often passes) and unknown statuses. A PACS that refuses now may accept
+  later, and the delivery policy bounds the retries (delivery.max_attempts, backoff).
+
+Messages name the destination and the status by its standard name. They never contain the
+peer's Error Comment (free text that could quote patient data).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
+
+from dicom_node.config import DestinationConfig
+from dicom_node.errors import PermanentError, RetryableError
+from dicom_node.log import get_logger
+
+log = get_logger(__name__)
+
+# PS3.4 Table B.2-1 (Storage Service Class) and PS3.7 C.4.1 (general) status codes.
+SUCCESS = 0x0000
+WARNING_COERCION_OF_DATA_ELEMENTS = 0xB000
+WARNING_ELEMENTS_DISCARDED = 0xB006
+WARNING_DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+DUPLICATE_SOP_INSTANCE = 0x0111
+INVALID_OBJECT_INSTANCE = 0x0117
+REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
+REFUSED_NOT_AUTHORISED = 0x0124
+REFUSED_OUT_OF_RESOURCES = range(0xA700, 0xA800)
+ERROR_DATA_SET_DOES_NOT_MATCH_SOP_CLASS = range(0xA900, 0xAA00)
+ERROR_CANNOT_UNDERSTAND = range(0xC000, 0xD000)
+
+STORED_STATUSES = frozenset(
+    {
+        SUCCESS,
+        WARNING_COERCION_OF_DATA_ELEMENTS,
+        WARNING_ELEMENTS_DISCARDED,
+        WARNING_DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+        DUPLICATE_SOP_INSTANCE,
+    }
+)
+PERMANENT_STATUSES = frozenset(
+    {INVALID_OBJECT_INSTANCE, REFUSED_SOP_CLASS_NOT_SUPPORTED, REFUSED_NOT_AUTHORISED}
+)
+
+# PS3.8 9.3.4 A-ASSOCIATE-RJ Result.
+REJECTED_PERMANENT = 0x01
+
+
+def describe(destination: DestinationConfig) -> str:
+    """How messages name a destination: ``pacs (PACS_AE@10.0.0.5:104)``."""
+    return f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+
+
+def status_name(code: int) -> str:
+    """``0xA700 Refused: Out of Resources``: the code in hex with its standard name."""
+    category, name = STORAGE_SERVICE_CLASS_STATUS.get(code, (code_to_category(code), ""))
+    return f"0x{code:04X} {name or category}"
+
+
+def send_file(
+    path: Path, destination: DestinationConfig, *, calling_ae_title: str, timeout: float = 30
+) -> None:
+    """C-STORE the DICOM file at `path` to `destination` on one association.
+
+    Proposes the file's SOP class with its transfer syntax (and, for an uncompressed file,
+    Explicit and Implicit VR Little Endian too). Returns when the destination has stored
+    it; raises RetryableError or PermanentError (see the module docstring).
+    """
+    dataset = _read(Path(path))
+    sop_class = UID(dataset.SOPClassUID)
+    sop_instance = str(dataset.SOPInstanceUID)
+    syntax = UID(dataset.file_meta.TransferSyntaxUID)
+    syntaxes = [syntax]
+    if not syntax.is_compressed:
+        syntaxes += [s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != syntax]
+
+    ae = _application_entity(calling_ae_title, timeout)
+    ae.add_requested_context(sop_class, syntaxes)
+    assoc = _associate(ae, destination, what=f"{sop_class.name} ({syntax.name})")
+    try:
+        status = assoc.send_c_store(dataset)
+    except (OSError, RuntimeError) as error:  # RuntimeError: the association died
+        raise RetryableError(f"C-STORE to {describe(destination)} failed: {error}") from error
+    except (AttributeError, ValueError) as error:  # the data set cannot be encoded as agreed
+        raise PermanentError(f"C-STORE to {describe(destination)} failed: {error}") from error
+    finally:
+        _close(assoc)
+    _check_store_status(status, destination, sop_instance)
+
+
+def echo(destination: DestinationConfig, *, calling_ae_title: str, timeout: float = 10) -> str:
+    """C-ECHO `destination`; return a one-line result, raise RetryableError on any failure."""
+    ae = _application_entity(calling_ae_title, timeout)
+    ae.add_requested_context(Verification)
+    started = time.monotonic()
+    try:
+        assoc = _associate(ae, destination, what="Verification")
+    except PermanentError as error:
+        # `dicom-node echo` reports every failure the same way: the peer is not usable now.
+        raise RetryableError(str(error)) from error
+    try:
+        status = assoc.send_c_echo()
+    except RuntimeError as error:  # the association died
+        raise RetryableError(f"C-ECHO to {describe(destination)} failed: {error}") from error
+    finally:
+        _close(assoc)
+    code = int(status.get("Status", -1)) if status else -1
+    if code != SUCCESS:
+        detail = "no response (timeout or abort)" if code < 0 else f"status 0x{code:04X}"
+        raise RetryableError(f"C-ECHO to {describe(destination)} failed: {detail}")
+    elapsed_ms = (time.monotonic() - started) * 1000
+    return f"C-ECHO {describe(destination)} OK in {elapsed_ms:.0f} ms"
+
+
+def _read(path: Path) -> Dataset:
+    try:
+        dataset = dcmread(path)
+    except (FileNotFoundError, IsADirectoryError, InvalidDicomError) as error:
+        raise PermanentError(f"cannot send {path}: {error}") from error
+    except OSError as error:  # a disk or NFS hiccup may pass
+        raise RetryableError(f"cannot read {path}: {error}") from error
+    missing = [
+        keyword for keyword in ("SOPClassUID", "SOPInstanceUID") if not dataset.get(keyword)
+    ] + [keyword for keyword in ("TransferSyntaxUID",) if not dataset.file_meta.get(keyword)]
+    if missing:
+        raise PermanentError(f"cannot send {path}: no {', '.join(missing)}")
+    return dataset
+
+
+def _application_entity(calling_ae_title: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_ae_title)
+    ae.connection_timeout = timeout  # TCP connect
+    ae.acse_timeout = timeout  # association request/release
+    ae.dimse_timeout = timeout  # waiting for the C-STORE / C-ECHO response
+    ae.network_timeout = timeout  # silence on an open association
+    return ae
+
+
+def _associate(ae: AE, destination: DestinationConfig, *, what: str) -> Association:
+    where = describe(destination)
+    connected: list[bool] = []
+    try:
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
+        )
+    except OSError as error:  # the host name does not resolve (DNS may come back)
+        raise RetryableError(f"cannot reach {where}: {error.strerror or error}") from error
+    if assoc.is_established:
+        return assoc
+    timeout = ae.connection_timeout
+    response = assoc.acceptor.primitive
+    if assoc.is_rejected and response is not None:
+        reason = f"{response.result_str}, {response.source_str}: {response.reason_str}"
+        if response.result == REJECTED_PERMANENT:
+            raise PermanentError(f"{where} rejected the association ({reason})")
+        raise RetryableError(f"{where} rejected the association ({reason})")
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        raise PermanentError(f"{where} does not accept {what}")
+    if not connected:
+        raise RetryableError(f"cannot connect to {where} (refused or no answer within {timeout:g} s)")
+    if response is None:
+        raise RetryableError(f"{where} did not answer the association request within {timeout:g} s")
+    raise RetryableError(f"association with {where} aborted")
+
+
+def _close(assoc: Association) -> None:
+    if assoc.is_established:
+        assoc.release()
+
+
+def _check_store_status(status: Dataset, destination: DestinationConfig, sop_instance: str) -> None:
+    where = describe(destination)
+    if not status or "Status" not in status:
+        raise RetryableError(f"no C-STORE response from {where} (timeout or abort)")
+    code = int(status.Status)
+    if code in STORED_STATUSES:
+        if code != SUCCESS:
+            log.warning(
+                "c_store_warning", destination=destination.name,
+                sop_instance_uid=sop_instance, status=status_name(code),
+            )
+        return
+    message = f"{where} did not store {sop_instance}: status {status_name(code)}"
+    offending = status.get("OffendingElement")
+    if offending:  # tags only, never values
+        tags = list(offending) if isinstance(offending, (list, MultiValue)) else [offending]
+        message += " (offending elements " + ", ".join(f"{int(t):08X}" for t in tags) + ")"
+    if code in ERROR_DATA_SET_DOES_NOT_MATCH_SOP_CLASS or code in PERMANENT_STATUSES:
+        raise PermanentError(message)
+    raise RetryableError(message)

@@ -1,0 +1,704 @@
+"""Build the Grayscale Softcopy Presentation State that carries the detector's boxes to the PACS.
+
+One GSPS per analysed study, in its own series, referencing every image of the study that a
+grayscale presentation state can reference (PS3.3 A.33.1). On one graphic layer it holds:
+
+- per detection: a closed rectangle (POLYLINE in PIXEL units, 5 points, first repeated,
+  PS3.3 C.10.5) and a short label (``mass 0.87``) in a text box just above the rectangle;
+- per image: one summary line in DISPLAY units at the top of the image, so that every
+  referenced image says what happened to it: ``<manufacturer>: 2 masses marked - AI, not for
+  diagnosis``, ``<manufacturer>: analysed, no mass marked - AI, not for diagnosis`` or
+  ``<manufacturer>: not analysed: <reason>``. "Nothing found" is thus always distinguishable
+  from "not analysed", and the AI notice is on every image that was analysed.
+
+Skipped images (``skipped``: SOP Instance UID -> reason): they are referenced by the GSPS
+(when they are in ``images`` and are grayscale images) and carry only their "not analysed"
+line, so the radiologist sees on the image itself that it was not looked at. Skipped entries
+that cannot be referenced (not in ``images``, colour or non-image objects) are only counted
+in the Content Description.
+
+Pixel transformations (a GSPS replaces the image's own, PS3.4 N.2): the presentation state
+reproduces how the images look without it.
+
+- Modality LUT: the images' Rescale Slope/Intercept (identity when absent).
+- Softcopy VOI LUT: every window of each image (centre, width, explanation, VOI LUT Function
+  such as SIGMOID) or its VOI LUT Sequence, grouped per distinct value with Referenced Image
+  Sequence where they differ. An image without any window gets the full range of its
+  stored values (``FULL RANGE``), what a viewer would do, so the GSPS always states a VOI.
+- Presentation LUT Shape: IDENTITY for MONOCHROME2, INVERSE for MONOCHROME1: a GSPS makes the
+  viewer ignore the image's Photometric Interpretation (PS3.3 C.11.6, PS3.4 N.2), so without INVERSE
+  a MONOCHROME1 mammogram would show with dense tissue dark.
+- When the images cannot share one Modality LUT and one polarity (different rescales, Modality
+  LUT Sequences, MONOCHROME1 mixed with MONOCHROME2: rare), every image instead gets a VOI LUT
+  table that bakes in its own modality LUT, first window and polarity, under an identity
+  Modality LUT and an IDENTITY Presentation LUT.
+
+Images of different sizes (different detector formats in one study) get one Displayed Area
+Selection item per size (PS3.3 C.10.4). highdicom requires one size, so it is given copies
+that share the first image's Rows/Columns and the displayed areas are set afterwards.
+
+highdicom copies patient and study attributes from the first referenced image and reads
+some of them unconditionally; they are normalised on copies (missing or invalid Type 2
+values become empty), never on the caller's datasets.
+
+Multi-frame images (breast tomosynthesis analysed on one slice): boxes reference the analysed
+frame (``frames``, 0-based, default the central frame ``NumberOfFrames // 2``); the summary
+line applies to all frames.
+
+Equipment: Manufacturer, Series Description, Content Label, Content Creator's Name and
+Series Number come from ReportConfig; Manufacturer's Model Name is "dicom-node", Software
+Versions the package version, Device Serial Number the host name (which node made it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import highdicom
+import numpy as np
+from highdicom._standard_utils import does_iod_have_pixel_data  # pinned highdicom 0.28.2
+from highdicom.color import CIELabColor
+from highdicom.pr import (
+    AnnotationUnitsValues,
+    GraphicAnnotation,
+    GraphicLayer,
+    GraphicObject,
+    GraphicTypeValues,
+    GrayscaleSoftcopyPresentationState,
+    SoftcopyVOILUTTransformation,
+    TextJustificationValues,
+    TextObject,
+)
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
+from pydicom.valuerep import DA, TM
+
+from dicom_node import __version__
+from dicom_node.config import ReportConfig
+from dicom_node.errors import UnsupportedImage
+from dicom_node.log import get_logger
+
+log = get_logger(__name__)
+
+MODEL_NAME = "dicom-node"
+AI_NOTICE = "AI, not for diagnosis"
+FULL_RANGE = "FULL RANGE"
+
+# Bulk data that the references never need: dropped from the working copies.
+_BULK_TAGS = frozenset(
+    Tag(keyword)
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData", "IconImageSequence")
+)
+# Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that
+# highdicom reads from the first image whether present or not.
+_TYPE2_TEXT = ("PatientName", "PatientID", "AccessionNumber", "StudyID", "ReferringPhysicianName")
+_VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+_RESCALE_TYPES = frozenset(value.value for value in highdicom.RescaleTypeValues)
+
+
+class DetectionLike(Protocol):
+    """What the builder needs of a detection (dicom_node.analyse.detector.Detection)."""
+
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in original pixels
+    score: float
+    label: str
+
+
+def build_gsps(
+    images: Sequence[Dataset],
+    detections: Mapping[str, Sequence[DetectionLike]],
+    *,
+    report: ReportConfig,
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    skipped: Mapping[str, str] = {},
+    frames: Mapping[str, int] = {},
+) -> GrayscaleSoftcopyPresentationState:
+    """Build one GSPS for one study: a box and label per detection, a summary line per image.
+
+    ``detections`` and ``skipped`` are keyed by SOP Instance UID; every image in ``images``
+    must be in exactly one of them (analysed, possibly with no detection, or skipped with a
+    reason). ``frames`` gives the 0-based frame that was analysed in a multi-frame image
+    (default: the central frame); boxes are placed on that frame.
+
+    Raises ValueError when the arguments contradict each other (a caller bug) and
+    UnsupportedImage when the study's images cannot carry a presentation state.
+    """
+    by_uid = _index_images(images)
+    _check_arguments(by_uid, detections, skipped)
+    study_uid = str(images[0].StudyInstanceUID)
+
+    references: list[Dataset] = []
+    for uid, ds in by_uid.items():
+        problem = _unreferenceable(ds)
+        if problem is None:
+            references.append(_normalised_copy(ds))
+        elif uid in skipped:
+            log.info("gsps_image_not_referenced", sop_instance_uid=uid, reason=problem)
+        else:
+            raise ValueError(f"analysed image {uid} cannot be referenced by a GSPS: {problem}")
+    if not references:
+        raise UnsupportedImage(
+            f"study {study_uid} has no grayscale image that a presentation state can reference"
+        )
+    analysed_frames = {
+        str(ds.SOPInstanceUID): _analysed_frame(ds, frames) for ds in references
+    }
+
+    layer = GraphicLayer(
+        layer_name=report.graphic_layer,
+        order=1,
+        description=_fit(f"{report.manufacturer} mass detection, {AI_NOTICE}", 64),
+        display_color=CIELabColor.from_string("yellow"),
+    )
+    try:
+        annotations, marked = _annotations(
+            references, detections, skipped, analysed_frames, layer, prefix=report.manufacturer
+        )
+        modality, vois, presentation = _pixel_transformations(references, analysed_frames)
+        same_size = [_with_size(ref, references[0]) for ref in references]
+        gsps = GrayscaleSoftcopyPresentationState(
+            referenced_images=same_size,
+            series_instance_uid=series_instance_uid,
+            series_number=report.series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer=report.manufacturer,
+            manufacturer_model_name=MODEL_NAME,
+            software_versions=__version__,
+            device_serial_number=_fit(platform.node() or MODEL_NAME, 64),
+            content_label=report.content_label,
+            content_description=_description(marked, not_analysed=len(skipped)),
+            graphic_annotations=annotations,
+            graphic_layers=[layer],
+            content_creator_name=report.content_creator_name,
+            modality_lut_transformation=modality,
+            voi_lut_transformations=vois,
+            presentation_lut_transformation=presentation,
+            series_description=report.series_description,
+        )
+    except (ValueError, TypeError) as error:
+        # Whatever normalisation missed in the source images: a clear permanent error
+        # naming the study rather than a traceback from deep inside highdicom.
+        raise UnsupportedImage(f"cannot build GSPS for study {study_uid}: {error}") from error
+    gsps.DisplayedAreaSelectionSequence = _displayed_areas(references)
+    # PS3.3 C.7.3.1 General Series: Laterality is Type 2C for paired body parts; one side
+    # when every referenced image shows the same breast, empty otherwise.
+    sides = {str(ref.get("ImageLaterality") or ref.get("Laterality") or "") for ref in references}
+    gsps.Laterality = sides.pop() if len(sides) == 1 and sides <= {"L", "R"} else ""
+    return gsps
+
+
+# ---------------------------------------------------------------- arguments and copies
+
+
+def _index_images(images: Sequence[Dataset]) -> dict[str, Dataset]:
+    if not images:
+        raise ValueError("images must not be empty")
+    by_uid: dict[str, Dataset] = {}
+    study_uids = set()
+    for ds in images:
+        uid = str(ds.SOPInstanceUID)
+        if uid in by_uid:
+            raise ValueError(f"image {uid} is listed twice")
+        by_uid[uid] = ds
+        study_uids.add(str(ds.StudyInstanceUID))
+    if len(study_uids) > 1:
+        raise ValueError(f"images belong to {len(study_uids)} studies; one GSPS covers one study")
+    return by_uid
+
+
+def _check_arguments(
+    by_uid: Mapping[str, Dataset],
+    detections: Mapping[str, Sequence[DetectionLike]],
+    skipped: Mapping[str, str],
+) -> None:
+    unknown = sorted(set(detections) - set(by_uid))
+    if unknown:
+        raise ValueError(f"detections for images not in images: {unknown}")
+    both = sorted(set(detections) & set(skipped))
+    if both:
+        raise ValueError(f"images both analysed and skipped: {both}")
+    # Leaving an image out of both would make "not analysed" look like "nothing found".
+    neither = sorted(set(by_uid) - set(detections) - set(skipped))
+    if neither:
+        raise ValueError(f"images neither in detections nor in skipped: {neither}")
+
+
+def _unreferenceable(ds: Dataset) -> str | None:
+    """Why `ds` cannot be referenced by a grayscale presentation state, or None."""
+    for keyword in ("SOPClassUID", "SeriesInstanceUID", "Rows", "Columns"):
+        if not ds.get(keyword):
+            return f"no {keyword}"
+    if not does_iod_have_pixel_data(ds.SOPClassUID):
+        return "not an image"
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        return "not a grayscale image"  # PS3.3 A.33.1: grayscale images only
+    return None
+
+
+def _normalised_copy(ds: Dataset) -> Dataset:
+    """A copy of `ds` without pixel data, with valid Type 2 patient and study attributes."""
+    result = Dataset()
+    for tag in ds.keys():
+        if tag in _BULK_TAGS or tag.is_private:
+            continue
+        result[tag] = copy.deepcopy(ds[tag])
+    for keyword in _TYPE2_TEXT:
+        if keyword not in result:
+            setattr(result, keyword, "")
+    result.PatientBirthDate = _valid_or_empty(result.get("PatientBirthDate"), DA)
+    result.StudyDate = _valid_or_empty(result.get("StudyDate"), DA)
+    result.StudyTime = _valid_or_empty(result.get("StudyTime"), TM)
+    # PS3.3 C.7.1.1: Patient's Sex is M, F, O or empty; highdicom refuses anything else.
+    sex = str(result.get("PatientSex") or "").strip().upper()
+    result.PatientSex = sex if sex in ("M", "F", "O") else ""
+    return result
+
+
+def _valid_or_empty(value, parse) -> str:
+    if not value:
+        return ""
+    try:
+        parsed = parse(str(value))
+    except ValueError:
+        return ""
+    return str(value) if parsed is not None else ""
+
+
+def _with_size(ds: Dataset, like: Dataset) -> Dataset:
+    """`ds` with `like`'s Rows/Columns, for highdicom's one-size rule (see module docstring)."""
+    if (ds.Rows, ds.Columns) == (like.Rows, like.Columns):
+        return ds
+    # A new mapping of the same elements; Rows and Columns get new elements (assigning the
+    # keywords would change the shared elements' values in `ds` too).
+    resized = Dataset(dict(ds.items()))
+    resized[Tag("Rows")] = DataElement(Tag("Rows"), "US", int(like.Rows))
+    resized[Tag("Columns")] = DataElement(Tag("Columns"), "US", int(like.Columns))
+    return resized
+
+
+def _is_multiframe(ds: Dataset) -> bool:
+    return int(ds.get("NumberOfFrames") or 1) > 1
+
+
+def _analysed_frame(ds: Dataset, frames: Mapping[str, int]) -> int | None:
+    """The 0-based frame the detector saw: from `frames`, else the central frame."""
+    if not _is_multiframe(ds):
+        return None
+    count = int(ds.NumberOfFrames)
+    frame = frames.get(str(ds.SOPInstanceUID), count // 2)
+    if not 0 <= frame < count:
+        raise ValueError(f"frame {frame} of {ds.SOPInstanceUID} is not in 0..{count - 1}")
+    return frame
+
+
+# ---------------------------------------------------------------- graphics
+
+
+def _annotations(
+    references: Sequence[Dataset],
+    detections: Mapping[str, Sequence[DetectionLike]],
+    skipped: Mapping[str, str],
+    frames: Mapping[str, int | None],
+    layer: GraphicLayer,
+    *,
+    prefix: str,
+) -> tuple[list[GraphicAnnotation], int]:
+    """Boxes, labels and one summary line per referenced image; also the number of boxes."""
+    annotations: list[GraphicAnnotation] = []
+    marked = 0
+    for ref in references:
+        uid = str(ref.SOPInstanceUID)
+        if uid in skipped:
+            text = f"{prefix}: not analysed: {_fit(skipped[uid], 80)}"
+            annotations.append(_summary_annotation(ref, layer, text))
+            continue
+        boxes = _clipped_boxes(detections[uid], rows=int(ref.Rows), columns=int(ref.Columns))
+        if len(boxes) != len(detections[uid]):
+            log.warning(
+                "detections_outside_image", sop_instance_uid=uid,
+                dropped=len(detections[uid]) - len(boxes),
+            )
+        marked += len(boxes)
+        frame = frames[uid]
+        if boxes:
+            annotations.append(_boxes_annotation(ref, layer, boxes, frame=frame))
+            found = f"{_count(len(boxes), 'mass', 'masses')} marked"
+        else:
+            found = "analysed, no mass marked"
+        on_frame = f" on frame {frame + 1}" if frame is not None else ""
+        text = f"{prefix}: {found}{on_frame} - {AI_NOTICE}"
+        annotations.append(_summary_annotation(ref, layer, text))
+
+    return annotations, marked
+
+
+def _description(marked: int, *, not_analysed: int) -> str:
+    description = f"{AI_NOTICE}: {_count(marked, 'mass', 'masses')} marked"
+    if not_analysed:
+        description += f", {_count(not_analysed, 'image', 'images')} not analysed"
+    return _fit(description, 64)
+
+
+def _clipped_boxes(
+    detections: Sequence[DetectionLike], *, rows: int, columns: int
+) -> list[tuple[tuple[float, float, float, float], str]]:
+    """(box, label text) per detection, boxes clipped to the image; empty boxes dropped.
+
+    PIXEL units put 0.0 at the top left corner of the first pixel and Columns\\Rows at the
+    bottom right corner of the last (PS3.3 C.10.5.1.2): the detector's convention, so the
+    boxes go in unchanged, only clipped.
+    """
+    result = []
+    for detection in sorted(detections, key=lambda d: -float(d.score)):
+        x0, y0, x1, y1 = (float(v) for v in detection.box)
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+            continue
+        x0, x1 = sorted((min(max(x0, 0.0), columns), min(max(x1, 0.0), columns)))
+        y0, y1 = sorted((min(max(y0, 0.0), rows), min(max(y1, 0.0), rows)))
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            continue
+        label = f"{getattr(detection, 'label', 'mass')} {float(detection.score):.2f}"
+        result.append(((x0, y0, x1, y1), label))
+    return result
+
+
+def _rectangle(box: tuple[float, float, float, float]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=float)
+
+
+def _label_box(
+    box: tuple[float, float, float, float], text: str, *, rows: int, columns: int
+) -> tuple[float, float, float, float]:
+    """A text box just above `box` (below it at the top edge), inside the image."""
+    x0, y0, x1, y1 = box
+    height = min(max(rows * 0.02, 8.0), float(rows))
+    width = min(max(x1 - x0, 0.6 * height * len(text)), float(columns))
+    left = min(x0, columns - width)
+    if y0 - height >= 0:
+        top = y0 - height
+    elif y1 + height <= rows:
+        top = y1
+    else:
+        top = y0
+    return (left, top, left + width, min(top + height, float(rows)))
+
+
+def _boxes_annotation(
+    ref: Dataset, layer: GraphicLayer, boxes, *, frame: int | None
+) -> GraphicAnnotation:
+    rows, columns = int(ref.Rows), int(ref.Columns)
+    graphics = [
+        GraphicObject(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=_rectangle(box),
+            units=AnnotationUnitsValues.PIXEL,
+            is_filled=False,
+        )
+        for box, _ in boxes
+    ]
+    texts = [
+        TextObject(
+            text_value=label,
+            units=AnnotationUnitsValues.PIXEL,
+            bounding_box=_label_box(box, label, rows=rows, columns=columns),
+            text_justification=TextJustificationValues.LEFT,
+        )
+        for box, label in boxes
+    ]
+    return GraphicAnnotation(
+        referenced_images=[ref],
+        graphic_layer=layer,
+        referenced_frame_number=None if frame is None else frame + 1,
+        graphic_objects=graphics,
+        text_objects=texts,
+    )
+
+
+def _summary_annotation(ref: Dataset, layer: GraphicLayer, text: str) -> GraphicAnnotation:
+    # DISPLAY units (fractions of the displayed area) keep the line readable at any image size.
+    return GraphicAnnotation(
+        referenced_images=[ref],
+        graphic_layer=layer,
+        text_objects=[
+            TextObject(
+                text_value=text,
+                units=AnnotationUnitsValues.DISPLAY,
+                bounding_box=(0.01, 0.01, 0.99, 0.05),
+                text_justification=TextJustificationValues.LEFT,
+            )
+        ],
+    )
+
+
+def _displayed_areas(references: Sequence[Dataset]) -> list[Dataset]:
+    """One Displayed Area Selection item per image size: the whole image, scaled to fit."""
+    by_size: dict[tuple[int, int], list[Dataset]] = {}
+    for ref in references:
+        by_size.setdefault((int(ref.Rows), int(ref.Columns)), []).append(ref)
+    items = []
+    for (rows, columns), group in by_size.items():
+        item = Dataset()
+        if len(by_size) > 1:
+            # PS3.3 C.10.4: required when the item does not apply to all referenced images.
+            item.ReferencedImageSequence = highdicom.ReferencedImageSequence(group)
+        item.DisplayedAreaTopLeftHandCorner = [1, 1]
+        item.DisplayedAreaBottomRightHandCorner = [columns, rows]
+        item.PresentationSizeMode = "SCALE TO FIT"
+        item.PresentationPixelAspectRatio = [1, 1]
+        items.append(item)
+    return items
+
+
+# ---------------------------------------------------------------- pixel transformations
+
+
+@dataclass(frozen=True)
+class _Display:
+    """How one image is displayed without a presentation state (PS3.4 N.2.1)."""
+
+    image: Dataset
+    monochrome1: bool
+    stored_min: int
+    stored_max: int
+    rescale: tuple[float, float]  # slope, intercept; (1, 0) when absent
+    rescale_type: str
+    modality_table: Dataset | None  # an item of the Modality LUT Sequence
+    window: tuple | None  # (centres, widths, explanations or None, function or None)
+    voi_tables: tuple[Dataset, ...]
+
+    def modality_range(self) -> tuple[float, float]:
+        slope, intercept = self.rescale
+        ends = sorted((self.stored_min * slope + intercept, self.stored_max * slope + intercept))
+        return ends[0], ends[1]
+
+
+def _pixel_transformations(references: Sequence[Dataset], frames: Mapping[str, int | None]):
+    """(Modality LUT, Softcopy VOI LUTs, Presentation LUT) reproducing the images' display."""
+    displays = [_display_of(ref, frames[str(ref.SOPInstanceUID)]) for ref in references]
+    rescales = {d.rescale for d in displays}
+    polarities = {d.monochrome1 for d in displays}
+    if len(rescales) == 1 and len(polarities) == 1 and not any(d.modality_table for d in displays):
+        slope, intercept = rescales.pop()
+        types = {d.rescale_type for d in displays}
+        modality = highdicom.ModalityLUTTransformation(
+            rescale_intercept=intercept,
+            rescale_slope=slope,
+            rescale_type=types.pop() if len(types) == 1 else "US",
+        )
+        shape = "INVERSE" if polarities.pop() else "IDENTITY"
+        return modality, _copied_vois(displays), highdicom.PresentationLUTTransformation(shape)
+    log.info("gsps_voi_tables", images=len(displays))
+    identity = highdicom.ModalityLUTTransformation(
+        rescale_intercept=0.0, rescale_slope=1.0, rescale_type="US"
+    )
+    vois = [
+        SoftcopyVOILUTTransformation(
+            voi_luts=[_baked_table(d)],
+            referenced_images=highdicom.ReferencedImageSequence([d.image]),
+        )
+        for d in displays
+    ]
+    return identity, vois, highdicom.PresentationLUTTransformation("IDENTITY")
+
+
+def _display_of(ds: Dataset, frame: int | None) -> _Display:
+    # Enhanced multi-frame images keep rescale and window in functional groups
+    # (PS3.3 C.7.6.16.2.9 Pixel Value Transformation, C.7.6.16.2.10 Frame VOI LUT).
+    pixel_source = _functional_item(ds, frame, "PixelValueTransformationSequence") or ds
+    voi_source = _functional_item(ds, frame, "FrameVOILUTSequence") or ds
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    rescale_type = str(pixel_source.get("RescaleType") or "US")
+    tables = pixel_source.get("ModalityLUTSequence") or ds.get("ModalityLUTSequence")
+    return _Display(
+        image=ds,
+        monochrome1=str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1",
+        stored_min=-(1 << (bits - 1)) if signed else 0,
+        stored_max=(1 << (bits - 1)) - 1 if signed else (1 << bits) - 1,
+        rescale=(
+            float(pixel_source.get("RescaleSlope") or 1.0),
+            float(pixel_source.get("RescaleIntercept") or 0.0),
+        ),
+        rescale_type=rescale_type if rescale_type in _RESCALE_TYPES else "US",
+        modality_table=tables[0] if tables else None,
+        window=_window_of(voi_source),
+        voi_tables=tuple(voi_source.get("VOILUTSequence") or ds.get("VOILUTSequence") or ()),
+    )
+
+
+def _functional_item(ds: Dataset, frame: int | None, keyword: str) -> Dataset | None:
+    groups = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame is not None and frame < len(per_frame):
+        groups.append(per_frame[frame])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    for group in groups:
+        sequence = group.get(keyword)
+        if sequence:
+            return sequence[0]
+    return None
+
+
+def _as_tuple(value) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (MultiValue, list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+def _window_of(source: Dataset) -> tuple | None:
+    try:
+        centres = tuple(float(v) for v in _as_tuple(source.get("WindowCenter")))
+        widths = tuple(float(v) for v in _as_tuple(source.get("WindowWidth")))
+    except (TypeError, ValueError):
+        return None  # an empty or malformed window: treated as no window
+    if not centres or len(centres) != len(widths) or min(widths) <= 0:
+        return None
+    explanations = tuple(str(v) for v in _as_tuple(source.get("WindowCenterWidthExplanation")))
+    function = str(source.get("VOILUTFunction") or "").strip().upper()
+    if function == "LINEAR" and min(widths) < 1:
+        return None  # PS3.3 C.11.2.1.2.1: LINEAR needs width >= 1
+    return (
+        centres,
+        widths,
+        explanations if len(explanations) == len(centres) else None,
+        function if function in _VOI_FUNCTIONS else None,
+    )
+
+
+def _copied_vois(displays: Sequence[_Display]) -> list[SoftcopyVOILUTTransformation]:
+    """The images' own windows (or VOI LUT tables), one item per distinct value."""
+    groups: dict[tuple, list[_Display]] = {}
+    for display in displays:
+        tables = [t for t in (_voi_table(item) for item in display.voi_tables) if t is not None]
+        if display.window is not None:
+            key = ("window", *display.window)
+        elif tables:
+            key = ("table", *((int(t.LUTDescriptor[1]), t.LUTData) for t in tables))
+        else:
+            low, high = display.modality_range()
+            # C.11.2.1.2.1 LINEAR maps [c - 0.5 - (w-1)/2, c - 0.5 + (w-1)/2] onto the output:
+            # this centre and width map exactly the lowest and highest value to black and white.
+            key = ("window", (low + (high - low + 1) / 2,), (high - low + 1,), (FULL_RANGE,), None)
+        groups.setdefault(key, []).append(display)
+    vois = []
+    for key, members in groups.items():
+        refs = (
+            None if len(groups) == 1
+            else highdicom.ReferencedImageSequence([d.image for d in members])
+        )
+        if key[0] == "window":
+            _, centres, widths, explanations, function = key
+            vois.append(
+                SoftcopyVOILUTTransformation(
+                    window_center=list(centres),
+                    window_width=list(widths),
+                    window_explanation=list(explanations) if explanations else None,
+                    voi_lut_function=function,
+                    referenced_images=refs,
+                )
+            )
+        else:
+            tables = [t for t in (_voi_table(i) for i in members[0].voi_tables) if t is not None]
+            vois.append(SoftcopyVOILUTTransformation(voi_luts=tables, referenced_images=refs))
+    return vois
+
+
+def _lut_values(item: Dataset) -> tuple[int, int, np.ndarray]:
+    """(first mapped value, bits per entry, entries) of a LUT item (PS3.3 C.11.1.1.1)."""
+    count, first, bits = (int(v) for v in item.LUTDescriptor)
+    count = count or 65536  # 0 means 2^16 entries
+    data = item.LUTData
+    if isinstance(data, bytes):
+        values = np.frombuffer(data, dtype="<u2" if bits > 8 or len(data) >= 2 * count else "u1")
+    else:
+        values = np.asarray(_as_tuple(data), dtype=np.int64)
+    return first, bits, values[:count].astype(np.int64)
+
+
+def _voi_table(item: Dataset) -> highdicom.VOILUT | None:
+    """A source VOI LUT item as a 16-bit highdicom VOILUT (same display), or None if unusable."""
+    try:
+        first, bits, values = _lut_values(item)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if first < 0 or first >= 1 << 16 or not 8 <= bits <= 16 or values.size == 0:
+        return None
+    scaled = np.round(values.clip(0, (1 << bits) - 1) * 65535 / ((1 << bits) - 1))
+    explanation = item.get("LUTExplanation")
+    return highdicom.VOILUT(
+        first_mapped_value=first,
+        lut_data=scaled.astype(np.uint16),
+        lut_explanation=_fit(str(explanation), 64) if explanation else None,
+    )
+
+
+def _baked_table(display: _Display) -> highdicom.VOILUT:
+    """A VOI LUT from stored values to display values: modality LUT, window and polarity."""
+    if display.stored_min < 0 or display.stored_max >= 1 << 16:
+        raise UnsupportedImage(
+            f"image {display.image.SOPInstanceUID}: signed or >16-bit pixels in a study whose "
+            "images need different modality LUTs or polarities"
+        )
+    stored = np.arange(display.stored_min, display.stored_max + 1, dtype=np.float64)
+    if display.modality_table is not None:
+        first, bits, values = _lut_values(display.modality_table)
+        modality = values[np.clip(stored - first, 0, values.size - 1).astype(np.int64)]
+        low, high = 0.0, float((1 << bits) - 1)
+    else:
+        slope, intercept = display.rescale
+        modality = stored * slope + intercept
+        low, high = display.modality_range()
+    shown = _apply_voi(display, modality.astype(np.float64), low, high)
+    if display.monochrome1:
+        shown = 1.0 - shown
+    return highdicom.VOILUT(
+        first_mapped_value=display.stored_min,
+        lut_data=np.round(shown * 65535).astype(np.uint16),
+        lut_explanation="MODALITY, VOI AND POLARITY",
+    )
+
+
+def _apply_voi(display: _Display, values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The image's first window (or VOI LUT) applied to modality values, output in [0, 1]."""
+    if display.window is not None:
+        centres, widths, _, function = display.window
+        c, w = centres[0], widths[0]
+        if function == "SIGMOID":  # PS3.3 C.11.2.1.3.1
+            return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+        if function == "LINEAR_EXACT":  # PS3.3 C.11.2.1.3.2
+            return np.clip((values - c) / w + 0.5, 0.0, 1.0)
+        # PS3.3 C.11.2.1.2.1 LINEAR (the default)
+        return np.clip((values - (c - 0.5)) / max(w - 1.0, 1e-9) + 0.5, 0.0, 1.0)
+    for item in display.voi_tables:
+        try:
+            first, bits, table = _lut_values(item)
+        except (AttributeError, TypeError, ValueError):
+            continue
+        index = np.clip(np.floor(values) - first, 0, table.size - 1).astype(np.int64)
+        return table[index] / float((1 << bits) - 1)
+    return (values - low) / max(high - low, 1e-9)
+
+
+# ---------------------------------------------------------------- text helpers
+
+
+def _count(n: int, singular: str, plural: str) -> str:
+    return f"{n} {singular if n == 1 else plural}"
+
+
+def _fit(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
