@@ -47,7 +47,7 @@ def validate_uid(value: object, *, name: str) -> str:
     if len(text) > MAX_UID_LENGTH:
         raise ValueError(f"{name} is longer than {MAX_UID_LENGTH} characters")
     if not _UID.fullmatch(text):
-        raise ValueError(f"{name} {text[:MAX_UID_LENGTH]!r} is not a UID (digits and dots)")
+        raise ValueError(f"{name} is not a UID (digits and dots): {text[:MAX_UID_LENGTH]!r}")
     return text
 
 

@@ -147,3 +147,17 @@ def transcode(source: Path, target: Path, syntax: str) -> Path:
     command = [*DCMTK_TRANSCODERS[syntax], str(source), str(target)]
     subprocess.run(command, check=True, capture_output=True)
     return target
+
+
+def compress_jpeg2000(source: Path, target: Path, *, lossless: bool = True) -> Path:
+    """Re-encode `source` as JPEG 2000 (lossless, or lossy at 10:1) with pydicom + OpenJPEG."""
+    from pydicom import dcmread
+    from pydicom.uid import JPEG2000, JPEG2000Lossless
+
+    ds = dcmread(source)
+    if lossless:
+        ds.compress(JPEG2000Lossless)
+    else:
+        ds.compress(JPEG2000, j2k_cr=[10])
+    ds.save_as(target, enforce_file_format=True)
+    return target

@@ -1,0 +1,258 @@
+"""Ingest throughput: this node's Storage SCP against dcmtk's storescp.
+
+One set of full-size synthetic mammograms is sent by the same sender (dcmtk
+storescu, one association per run, over loopback) first to ``storescp`` and then
+to this node's SCP (the real ``start_scp`` with a real SQLite ``Queue`` and
+fsync on), for several repetitions. Each run prints MB/s (10^6 bytes of the
+sent files per second of storescu wall time); the summary prints the median of
+each and their ratio. The node's target is at least 0.8x storescp.
+
+    python -m dicom_node.bench.ingest --count 8 --repeat 3
+
+Figures depend on the machine (CPU, disk, fsync cost); print only what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    DigitalMammographyXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+
+SENDER_AE = "BENCH_SCU"
+STORESCP_AE = "STORESCP"
+NODE_AE = "DICOM_NODE"
+READY_TIMEOUT_SECONDS = 30
+SEND_TIMEOUT_SECONDS = 600
+IMAGES_PER_STUDY = 4  # a screening exam: L/R CC and MLO
+
+
+@dataclass(frozen=True)
+class Run:
+    receiver: str
+    repetition: int
+    seconds: float
+    megabytes: float
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.megabytes / self.seconds
+
+
+def make_images(folder: Path, *, count: int, rows: int, columns: int, seed: int = 0) -> list[Path]:
+    """``count`` MG For Presentation images, 16 bits allocated, 12 stored, uncompressed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:rows, 0:columns].astype(np.float32)
+    base = 1000 + 1500 * (xx / columns) + 400 * np.sin(yy / 97.0)
+    paths = []
+    study_uid = series_uid = ""
+    for index in range(count):
+        if index % IMAGES_PER_STUDY == 0:
+            study_uid, series_uid = generate_uid(), generate_uid()
+        noise = rng.normal(0, 60, size=(rows, columns)).astype(np.float32)
+        pixels = np.clip(base + noise, 0, 4095).astype(np.uint16)
+        ds = Dataset()
+        ds.SOPClassUID = DigitalMammographyXRayImageStorageForPresentation
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.PatientName = "BENCH^SYNTHETIC"
+        ds.PatientID = "BENCH-0001"
+        ds.StudyDate = ds.ContentDate = "20260101"
+        ds.Modality = "MG"
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = index + 1
+        ds.ImageLaterality = "LR"[index % 2]
+        ds.ViewPosition = ("CC", "MLO")[(index // 2) % 2]
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.Rows, ds.Columns = rows, columns
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation = 0
+        ds.PixelData = pixels.tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"{index:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def send(port: int, called_ae: str, files: list[Path]) -> float:
+    """storescu all files in one association; return the wall time in seconds."""
+    command = ["storescu", "-aet", SENDER_AE, "-aec", called_ae, "127.0.0.1", str(port)]
+    start = time.perf_counter()
+    result = subprocess.run(
+        [*command, *map(str, files)], capture_output=True, text=True, timeout=SEND_TIMEOUT_SECONDS
+    )
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu to {called_ae} failed: {result.stderr.strip()[-2000:]}")
+    return seconds
+
+
+def _wait_until_echo_answers(port: int, called_ae: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    command = ["echoscu", "-aet", SENDER_AE, "-aec", called_ae, "127.0.0.1", str(port)]
+    while subprocess.run(command, capture_output=True).returncode != 0:
+        if process.poll() is not None:
+            raise RuntimeError(f"storescp exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"storescp did not answer C-ECHO in {READY_TIMEOUT_SECONDS} s")
+        time.sleep(0.05)
+
+
+def run_storescp(files: list[Path], output: Path) -> float:
+    """Send to dcmtk storescp (plain: +xa, -od) and return the send time."""
+    output.mkdir(parents=True)
+    port = free_port()
+    command = ["storescp", "--aetitle", STORESCP_AE, "+xa", "-od", str(output), str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_until_echo_answers(port, STORESCP_AE, process)
+        seconds = send(port, STORESCP_AE, files)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    received = [p for p in output.iterdir() if p.is_file()]
+    if len(received) != len(files):
+        raise RuntimeError(f"storescp stored {len(received)} of {len(files)} files")
+    return seconds
+
+
+def run_node(files: list[Path], data_dir: Path) -> float:
+    """Send to this node's SCP (real store and queue, fsync on); return the send time."""
+    from dicom_node.config import parse_config
+    from dicom_node.queue import Queue
+    from dicom_node.receive.scp import start_scp
+    from dicom_node.store import InstanceStore
+
+    config = parse_config(
+        {
+            "node": {
+                "ae_title": NODE_AE,
+                "host": "127.0.0.1",
+                "port": 0,
+                "data_dir": str(data_dir),
+                "fsync": True,
+            }
+        },
+        base_dir=data_dir,
+    )
+    store = InstanceStore(config.node.data_dir, fsync=config.node.fsync)
+    queue = Queue(config.database_url)
+    queue.migrate()
+    server = start_scp(config, queue=queue, store=store)
+    try:
+        seconds = send(server.server_address[1], NODE_AE, files)
+    finally:
+        server.shutdown()
+        queue.close()
+    stored = list(store.instances_dir.rglob("*.dcm"))
+    if len(stored) != len(files):
+        raise RuntimeError(f"the node stored {len(stored)} of {len(files)} files")
+    return seconds
+
+
+def _tool_version(tool: str) -> str:
+    result = subprocess.run([tool, "--version"], capture_output=True, text=True)
+    first = next((line for line in result.stdout.splitlines() if line.strip()), "?")
+    return first.strip("$ ").removeprefix("dcmtk: ")  # "$dcmtk: storescu v3.6.7 ... $"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench_ingest", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument("--count", type=int, default=8, help="images per run (default 8)")
+    parser.add_argument("--rows", type=int, default=3328)
+    parser.add_argument("--cols", type=int, default=2560)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per receiver (default 3)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(".bench"),
+        help="folder for images and received files (default .bench); both receivers write here",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    args = parser.parse_args(argv)
+    if args.count < 1 or args.repeat < 1 or args.rows < 1 or args.cols < 1:
+        parser.error("--count, --repeat, --rows and --cols must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for tool in ("storescu", "storescp", "echoscu"):
+        if shutil.which(tool) is None:
+            print(f"bench_ingest: {tool} (dcmtk) is not on PATH", file=sys.stderr)
+            return 2
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ingest-", dir=args.work_dir))
+    try:
+        print(f"generating {args.count} images {args.rows}x{args.cols} (16-bit) in {work}")
+        files = make_images(work / "images", count=args.count, rows=args.rows, columns=args.cols)
+        megabytes = sum(p.stat().st_size for p in files) / 1e6
+        print(
+            f"{megabytes / args.count:.1f} MB each, {megabytes:.1f} MB per run; sender "
+            f"{_tool_version('storescu')}, one association per run, loopback; "
+            f"{os.cpu_count()} CPUs; node fsync on"
+        )
+        runs: list[Run] = []
+        for repetition in range(1, args.repeat + 1):
+            for receiver, receive in (("storescp", run_storescp), ("dicom-node", run_node)):
+                target = work / f"{receiver}-{repetition}"
+                seconds = receive(files, target)
+                run = Run(receiver, repetition, seconds, megabytes)
+                runs.append(run)
+                print(
+                    f"run {repetition} {receiver:>10}: {seconds:7.3f} s "
+                    f"{run.mb_per_second:8.1f} MB/s",
+                    flush=True,
+                )
+                shutil.rmtree(target)
+        medians = {
+            receiver: statistics.median(r.mb_per_second for r in runs if r.receiver == receiver)
+            for receiver in ("storescp", "dicom-node")
+        }
+        ratio = medians["dicom-node"] / medians["storescp"]
+        print(
+            f"median storescp {medians['storescp']:.1f} MB/s, dicom-node "
+            f"{medians['dicom-node']:.1f} MB/s, ratio {ratio:.2f}x (target >= 0.80x)"
+        )
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from dicom_node.log import configure_logging
+
+    configure_logging("warning", "console")  # the node's per-instance lines would drown the figures
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""The ingest benchmark runs end to end on tiny images (its figures are not checked)."""
+
+from __future__ import annotations
+
+import re
+
+from dicom_node.bench.ingest import main
+
+
+def test_bench_ingest_runs_both_receivers(tmp_path, capsys):
+    work = tmp_path / "bench"
+    assert main(["--count", "2", "--rows", "64", "--cols", "48", "--repeat", "1",
+                 "--work-dir", str(work)]) == 0  # fmt: skip
+    output = capsys.readouterr().out
+    assert re.search(r"run 1 +storescp: .* MB/s", output)
+    assert re.search(r"run 1 dicom-node: .* MB/s", output)
+    assert re.search(r"ratio \d+\.\d\dx", output)
+    assert list(work.iterdir()) == []  # generated and received files removed

@@ -1,0 +1,182 @@
+"""InstanceStore: durable layout under data_dir, duplicates, hostile UIDs, temp clean-up."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from dicom_node.store import InstanceStore, validate_uid
+from tests import synthetic
+
+
+@pytest.fixture
+def store(tmp_path) -> InstanceStore:
+    return InstanceStore(tmp_path / "data")
+
+
+def uids() -> dict[str, str]:
+    return {
+        "study_uid": generate_uid(),
+        "series_uid": generate_uid(),
+        "sop_instance_uid": generate_uid(),
+    }
+
+
+def staged(store: InstanceStore, content: bytes):
+    """A file under tmp/ as the SCP leaves it before persist_instance."""
+    path = store.tmp_dir / f"{generate_uid()}.part"
+    path.write_bytes(content)
+    return path
+
+
+def test_creates_layout_on_one_filesystem(store):
+    for folder in (store.instances_dir, store.results_dir, store.tmp_dir):
+        assert folder.is_dir()
+        assert folder.parent == store.data_dir
+    devices = {os.stat(f).st_dev for f in (store.instances_dir, store.results_dir, store.tmp_dir)}
+    assert len(devices) == 1  # os.replace between them is atomic
+
+
+def test_persist_moves_staged_file_into_place(store):
+    ids = uids()
+    source = staged(store, b"instance bytes")
+    path = store.persist_instance(source, **ids)
+    folder = store.instances_dir / ids["study_uid"] / ids["series_uid"]
+    assert path == folder / f"{ids['sop_instance_uid']}.dcm"
+    assert path.read_bytes() == b"instance bytes"
+    assert not source.exists()
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_persist_copies_a_file_from_elsewhere_and_leaves_it(store, tmp_path):
+    ids = uids()
+    outside = tmp_path / "outside.dcm"
+    outside.write_bytes(b"from elsewhere")
+    path = store.persist_instance(outside, **ids)
+    assert path.read_bytes() == b"from elsewhere"
+    assert outside.read_bytes() == b"from elsewhere"
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_duplicate_keeps_the_existing_file(store):
+    ids = uids()
+    first = store.persist_instance(staged(store, b"first"), **ids)
+    inode = first.stat().st_ino
+    second_source = staged(store, b"second")
+    second = store.persist_instance(second_source, **ids)
+    assert second == first
+    assert first.read_bytes() == b"first"
+    assert first.stat().st_ino == inode
+    assert not second_source.exists()
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_concurrent_duplicates_leave_one_complete_file(store):
+    ids = uids()
+    sources = [staged(store, bytes([i]) * 100_000) for i in range(8)]
+    barrier = threading.Barrier(len(sources))
+    results = []
+
+    def persist(source):
+        barrier.wait()
+        results.append(store.persist_instance(source, **ids))
+
+    threads = [threading.Thread(target=persist, args=(s,)) for s in sources]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(results)) == 1
+    content = results[0].read_bytes()
+    assert len(content) == 100_000 and len(set(content)) == 1  # one writer's whole file
+    assert list(store.tmp_dir.iterdir()) == []
+    assert len(list(store.instances_dir.rglob("*.dcm"))) == 1
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("study_uid", "../../etc"),
+        ("series_uid", "1.2/../../3"),
+        ("sop_instance_uid", ".."),
+        ("sop_instance_uid", "1.2.3\x00"),
+        ("study_uid", "/absolute"),
+        ("study_uid", ""),
+        ("series_uid", "1." + "2" * 63),  # 65 characters
+        ("series_uid", "1..2"),
+        ("sop_instance_uid", "1.2.3."),
+    ],
+)
+def test_hostile_or_invalid_uid_is_refused(store, field, value):
+    ids = uids() | {field: value}
+    source = staged(store, b"x")
+    with pytest.raises(ValueError, match="UID"):
+        store.persist_instance(source, **ids)
+    assert list(store.instances_dir.iterdir()) == []
+    assert sorted(p.name for p in store.data_dir.iterdir()) == ["instances", "results", "tmp"]
+
+
+def test_validate_uid_accepts_64_characters():
+    uid = "1." + "2" * 62
+    assert validate_uid(uid, name="UID") == uid
+
+
+def test_fsync_off_still_persists(tmp_path):
+    store = InstanceStore(tmp_path / "data", fsync=False)
+    ids = uids()
+    path = store.persist_instance(staged(store, b"no fsync"), **ids)
+    assert path.read_bytes() == b"no fsync"
+
+
+def test_fsync_is_called_for_file_and_directories(tmp_path, monkeypatch):
+    store = InstanceStore(tmp_path / "data")
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    ids = uids()
+    source = staged(store, b"durable")
+    path = store.persist_instance(source, **ids)
+    assert synced[0] == str(source)  # the file, before the rename
+    assert str(path.parent) in synced  # the directory holding the new name
+    assert str(store.instances_dir) in synced  # the new study directory's entry
+    assert str(path.parent.parent) in synced  # the new series directory's entry
+
+
+def test_write_result_is_a_readable_part10_file(store):
+    ds = synthetic.mammogram()
+    path = store.write_result(ds, name=f"{ds.SOPInstanceUID}.dcm")
+    assert path.parent == store.results_dir
+    assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../escape.dcm", "a/b.dcm", ".hidden", ""])
+def test_write_result_refuses_path_like_names(store, name):
+    with pytest.raises(ValueError, match="result name"):
+        store.write_result(synthetic.mammogram(), name=name)
+
+
+def test_remove_orphan_temp_files(store):
+    staged(store, b"left by a crash")
+    staged(store, b"another")
+    (store.tmp_dir / "partial-dir").mkdir()
+    kept = store.persist_instance(staged(store, b"kept"), **uids())
+    assert store.remove_orphan_temp_files() == 3
+    assert list(store.tmp_dir.iterdir()) == []
+    assert kept.read_bytes() == b"kept"
+    assert store.remove_orphan_temp_files() == 0
+
+
+def test_temp_path_is_removed_unless_moved(store):
+    with store.temp_path() as path:
+        assert path.parent == store.tmp_dir and path.exists()
+    assert not path.exists()
