@@ -136,10 +136,10 @@ def cmd_analyze(args) -> int:
     import pydicom
 
     from dicom_node.analyse.detector import load_detector
-    from dicom_node.analyse.worker import report_study, resolve_device
+    from dicom_node.analyse.worker import report_study
 
     config = _load(args)
-    detector = load_detector(config.detector, device=resolve_device(args.device or config.workers.device))
+    detector = load_detector(config.detector, device=args.device or config.workers.device)
     studies: dict[str, list[str]] = defaultdict(list)
     for name in args.files:
         try:

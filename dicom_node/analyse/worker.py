@@ -214,14 +214,6 @@ def _die_with_parent() -> None:
         pass  # not Linux/glibc: the parent-pid check in the loop still stops the worker
 
 
-def resolve_device(setting: str) -> str:
-    import torch
-
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
-
-
 def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds: float = 0.5) -> None:
     """Entry point of a worker process: load the model once, then claim jobs until told to stop."""
     from dicom_node.analyse.detector import load_detector
@@ -239,8 +231,8 @@ def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds
     configure_logging(config.logging.level, config.logging.format)
     worker_log = log.bind(worker=name)
     try:
-        device = resolve_device(config.workers.device)
-        detector = load_detector(config.detector, device=device)
+        detector = load_detector(config.detector, device=config.workers.device)
+        device = str(getattr(detector, "device", "cpu"))
     except CheckpointError as error:
         ready_queue.put((name, "error", str(error)))
         return

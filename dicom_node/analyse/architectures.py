@@ -1,0 +1,190 @@
+"""The detector architectures, a small table of torchvision builders keyed by the config string.
+
+As in the study's Detectron2 configs:
+
+- RetinaNet: ResNet + FPN P3-P7 (P6 from C5, P7 from P6), 4-conv heads, focal
+  loss, anchors of 3 scales x 3 aspect ratios per level, sizes 32..512.
+- Faster R-CNN: ResNet + FPN P2-P6 (P6 by max pooling P5), RPN with one anchor
+  size per level x 3 aspect ratios, RoIAlign 7x7 and two 1024-wide FC layers.
+
+Conventions (the same for every architecture, so training and the detector need
+no per-architecture cases):
+
+- Class labels follow torchvision: 0 is background, ``MASS_LABEL`` (1) is a mass.
+  Both model families therefore get ``num_classes + 1`` outputs; RetinaNet's
+  background column is never a positive target and so learns to stay low.
+- Input is the pixel pipeline's [0, 1] grayscale, replicated to 3 channels.
+  ``IMAGE_MEAN``/``IMAGE_STD`` are (0, 0.25): zero mean keeps black, the air
+  around the breast, at 0 after normalisation, the same value torchvision pads
+  batches with; std 0.25 gives roughly unit variance for windowed mammograms.
+  Checkpoints imported from Detectron2 carry their own mean/std (see
+  detectron2_import) in the checkpoint's ``model_options``.
+- The model never resizes: dicom_node.pixels already did, so the model's
+  transform only normalises and pads; its output boxes are in the coordinates of
+  the image it was given, which PreparedImage.boxes_to_original maps back.
+- Backbones use trainable BatchNorm (there are no pretrained weights here to
+  freeze, by rule nothing is downloaded); in eval mode it is the same affine
+  map as Detectron2's FrozenBN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+MASS_LABEL = 1
+IMAGE_MEAN = (0.0, 0.0, 0.0)
+IMAGE_STD = (0.25, 0.25, 0.25)
+# Low on purpose: evaluation needs the whole score range (FROC, AP); the
+# detector applies config.detector.score_threshold on top.
+MODEL_SCORE_THRESHOLD = 0.05
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    family: Literal["retinanet", "faster_rcnn"]
+    depth: Literal[18, 50, 101]
+    fpn_channels: int = 256
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "retinanet_r101_fpn": ArchitectureSpec("retinanet", 101),
+    "retinanet_r50_fpn": ArchitectureSpec("retinanet", 50),
+    "faster_rcnn_r101_fpn": ArchitectureSpec("faster_rcnn", 101),
+    "faster_rcnn_r50_fpn": ArchitectureSpec("faster_rcnn", 50),
+    # The shipped demo weights: small enough for the package (< 30 MB in fp16).
+    "retinanet_r18_fpn": ArchitectureSpec("retinanet", 18, fpn_channels=128),
+}
+
+
+class NoResizeTransform(GeneralizedRCNNTransform):
+    """torchvision's transform without the resize: normalise and pad to a multiple of 32 only."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+def architecture_spec(architecture: str) -> ArchitectureSpec:
+    """The table entry for `architecture`; ValueError listing the known ones otherwise."""
+    try:
+        return ARCHITECTURES[architecture]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}"
+        ) from None
+
+
+def build_model(
+    architecture: str,
+    *,
+    num_classes: int = 1,
+    image_mean: tuple[float, ...] | list[float] = IMAGE_MEAN,
+    image_std: tuple[float, ...] | list[float] = IMAGE_STD,
+    stride_in_1x1: bool = False,
+) -> nn.Module:
+    """A randomly initialised torchvision detector for `architecture` (never downloads).
+
+    `num_classes` counts foreground classes; background is added (label 0).
+    `image_mean`/`image_std` are per RGB channel for [0, 1] input. `stride_in_1x1`
+    puts the stride of each stage's first bottleneck in its 1x1 conv, as the MSRA
+    ResNets that Detectron2 models start from do (torchvision: in the 3x3).
+    The keyword arguments are recorded in ``model.build_options`` so that a
+    checkpoint can rebuild the same model.
+    """
+    spec = architecture_spec(architecture)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    options = {
+        "image_mean": [float(v) for v in image_mean],
+        "image_std": [float(v) for v in image_std],
+        "stride_in_1x1": bool(stride_in_1x1),
+    }
+    if len(options["image_mean"]) != 3 or len(options["image_std"]) != 3:
+        raise ValueError("image_mean and image_std need one value per RGB channel")
+    if stride_in_1x1 and spec.depth == 18:
+        raise ValueError("stride_in_1x1 applies to bottleneck ResNets (50, 101), not ResNet-18")
+
+    body = _resnet(spec.depth, stride_in_1x1=stride_in_1x1)
+    if spec.family == "retinanet":
+        model = _retinanet(body, spec, num_classes + 1)
+    else:
+        model = _faster_rcnn(body, spec, num_classes + 1)
+    # Sizes are unused: NoResizeTransform never resizes.
+    model.transform = NoResizeTransform(
+        min_size=800,
+        max_size=1333,
+        image_mean=options["image_mean"],
+        image_std=options["image_std"],
+    )
+    model.build_options = options
+    return model
+
+
+def _resnet(depth: int, *, stride_in_1x1: bool) -> resnet.ResNet:
+    builder = {18: resnet.resnet18, 50: resnet.resnet50, 101: resnet.resnet101}[depth]
+    body = builder(weights=None, norm_layer=nn.BatchNorm2d)
+    if stride_in_1x1:
+        for stage in (body.layer2, body.layer3, body.layer4):
+            first = stage[0]
+            first.conv1.stride, first.conv2.stride = first.conv2.stride, first.conv1.stride
+    return body
+
+
+def _fpn_backbone(
+    body: resnet.ResNet, spec: ArchitectureSpec, *, stages: list[int], extra_blocks
+) -> BackboneWithFPN:
+    in_channels = [_block_out_channels(getattr(body, f"layer{stage}")[-1]) for stage in stages]
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{stage}": str(index) for index, stage in enumerate(stages)},
+        in_channels_list=in_channels,
+        out_channels=spec.fpn_channels,
+        extra_blocks=extra_blocks,
+    )
+
+
+def _block_out_channels(block: nn.Module) -> int:
+    last_conv = block.conv3 if hasattr(block, "conv3") else block.conv2
+    return last_conv.out_channels
+
+
+def _retinanet(body: resnet.ResNet, spec: ArchitectureSpec, classes: int) -> RetinaNet:
+    c5_channels = _block_out_channels(body.layer4[-1])
+    # P6 from C5, as Detectron2's RetinaNet (torchvision's v1 builder takes P5).
+    backbone = _fpn_backbone(
+        body, spec, stages=[2, 3, 4], extra_blocks=LastLevelP6P7(c5_channels, spec.fpn_channels)
+    )
+    # torchvision's default head is the v1 one (no GroupNorm), like Detectron2's
+    # default RetinaNet head; its anchors are 3 scales x 3 ratios, sizes 32..512.
+    return RetinaNet(backbone, num_classes=classes, score_thresh=MODEL_SCORE_THRESHOLD)
+
+
+def _faster_rcnn(body: resnet.ResNet, spec: ArchitectureSpec, classes: int) -> FasterRCNN:
+    backbone = _fpn_backbone(body, spec, stages=[1, 2, 3, 4], extra_blocks=LastLevelMaxPool())
+    return FasterRCNN(backbone, num_classes=classes, box_score_thresh=MODEL_SCORE_THRESHOLD)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (for logs and the checkpoint size check)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "IMAGE_MEAN",
+    "IMAGE_STD",
+    "MASS_LABEL",
+    "MODEL_SCORE_THRESHOLD",
+    "ArchitectureSpec",
+    "NoResizeTransform",
+    "architecture_spec",
+    "build_model",
+    "count_parameters",
+]
