@@ -92,6 +92,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
+    # highdicom narrates every module it copies at INFO: noise in an operator's log.
+    logging.getLogger("highdicom").setLevel(max(numeric, logging.WARNING))
 
 
 def get_logger(name: str | None = None, **bound):

@@ -161,3 +161,20 @@ def compress_jpeg2000(source: Path, target: Path, *, lossless: bool = True) -> P
         ds.compress(JPEG2000, j2k_cr=[10])
     ds.save_as(target, enforce_file_format=True)
     return target
+# storescu proposes uncompressed syntaxes only, unless told which compressed one
+# to put first (it then sends the file as it is instead of decompressing it).
+STORESCU_PROPOSE = {
+    "implicit-little": "--propose-implicit",
+    "explicit-little": "--propose-little",
+    "deflated": "--propose-deflated",
+    "jpeg-baseline": "--propose-jpeg8",
+    "jpeg-extended": "--propose-jpeg12",
+    "jpeg-lossless-sv1": "--propose-lossless",
+    "jpeg-ls-lossless": "--propose-jls-lossless",
+    "jpeg-ls-near-lossless": "--propose-jls-lossy",
+    "jpeg2000-lossless": "--propose-j2k-lossless",
+    "jpeg2000": "--propose-j2k-lossy",
+    "rle": "--propose-rle",
+}
+
+

@@ -44,23 +44,6 @@ SYNTAXES = {
     "jpeg2000": JPEG2000,
     "rle": RLELossless,
 }
-# storescu proposes uncompressed syntaxes only, unless told which compressed one
-# to put first (it then sends the file as it is instead of decompressing it).
-STORESCU_PROPOSE = {
-    "implicit-little": "--propose-implicit",
-    "explicit-little": "--propose-little",
-    "deflated": "--propose-deflated",
-    "jpeg-baseline": "--propose-jpeg8",
-    "jpeg-extended": "--propose-jpeg12",
-    "jpeg-lossless-sv1": "--propose-lossless",
-    "jpeg-ls-lossless": "--propose-jls-lossless",
-    "jpeg-ls-near-lossless": "--propose-jls-lossy",
-    "jpeg2000-lossless": "--propose-j2k-lossless",
-    "jpeg2000": "--propose-j2k-lossy",
-    "rle": "--propose-rle",
-}
-
-
 def make_encoded(folder: Path, syntax: str, **mammogram_kwargs) -> Path:
     """A synthetic mammogram written in ``syntax`` (real encoders: dcmtk or OpenJPEG)."""
     folder.mkdir(parents=True, exist_ok=True)

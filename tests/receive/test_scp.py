@@ -37,7 +37,6 @@ from tests.dciodvfy import dciodvfy_lines
 from tests.receive.helpers import (
     NODE_AE,
     SENDER_AE,
-    STORESCU_PROPOSE,
     SYNTAXES,
     association,
     echoscu,
@@ -146,7 +145,7 @@ def test_accepted_connections_have_nagle_off(node):
 def test_storescu_each_transfer_syntax_stored_as_sent(node, encoded_files, syntax):
     sent_path = encoded_files[syntax]
     assert dcmread(sent_path).file_meta.TransferSyntaxUID == SYNTAXES[syntax]
-    result = storescu(node.port, sent_path, options=(STORESCU_PROPOSE[syntax],))
+    result = storescu(node.port, sent_path, options=(synthetic.STORESCU_PROPOSE[syntax],))
     assert result.returncode == 0, result.stderr
     stored = assert_stored_as_sent(node, sent_path)
     assert stored.file_meta.TransferSyntaxUID == SYNTAXES[syntax]
