@@ -192,6 +192,23 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_convert_cbis_ddsm(args) -> int:
+    from dicom_node.datasets.cbis_ddsm import convert_cbis_ddsm
+
+    summary = convert_cbis_ddsm(args.csv, Path(args.root), Path(args.out))
+    print(json.dumps(summary.as_dict(), indent=2))
+    return 0
+
+
+def cmd_split(args) -> int:
+    from dicom_node.datasets.coco import write_splits
+
+    written = write_splits(Path(args.data), seed=args.seed, group_by=args.group_by or None)
+    for part, path in written.items():
+        print(f"{part}: {path}")
+    return 0
+
+
 def cmd_import_detectron2(args) -> int:
     from dicom_node.analyse.detectron2_import import import_detectron2
 
@@ -201,7 +218,10 @@ def cmd_import_detectron2(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dicom-node",
+        description="An AI node for mammography that speaks DICOM. Not a medical device.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p):
@@ -256,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--by", help="break metrics down by this image field (view, density, ...)")
     evaluate.add_argument("--device")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    cbis = sub.add_parser("convert-cbis-ddsm", help="CBIS-DDSM mass CSVs + DICOM tree -> COCO JSON")
+    cbis.add_argument("--csv", nargs="+", required=True, help="mass_case_description_*.csv files")
+    cbis.add_argument("--root", required=True, help="folder holding the CBIS-DDSM DICOM download")
+    cbis.add_argument("--out", required=True, help="COCO annotations JSON to write")
+    cbis.set_defaults(func=cmd_convert_cbis_ddsm)
+
+    split = sub.add_parser("split", help="split a COCO file into train/val/test (the study's 2378/400/400 shares)")
+    split.add_argument("--data", required=True)
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--group-by", default="patient_id", help="image field kept within one part ('' for none)")
+    split.set_defaults(func=cmd_split)
 
     d2 = sub.add_parser("import-detectron2", help="convert a Detectron2 checkpoint to a dicom-node checkpoint")
     d2.add_argument("source")

@@ -38,14 +38,16 @@ def _measure(architecture: str, input_size: int, device: str, repeat: int, rows:
 
     torch.manual_seed(0)
     model = build_model(architecture)
-    detector = TorchDetector(model, input_size=input_size, device=device, score_threshold=0.5)
+    detector = TorchDetector(model, input_size=input_size, device=device, score_threshold=0.5,
+                             label="random weights (benchmark)")
     ds, _boxes = phantom_dataset(seed=1, rows=rows, columns=columns)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "image.dcm"
         ds.save_as(path, enforce_file_format=True)
         config = Config(detector=DetectorConfig(architecture=architecture, input_size=input_size))
         prepared = prepare(pydicom.dcmread(path), input_size=input_size)
-        tensor = torch.from_numpy(prepared.pixels)[None].to(device)
+        # As TorchDetector feeds it: grayscale replicated to the backbone's 3 channels.
+        tensor = torch.from_numpy(prepared.pixels).to(device).expand(3, -1, -1)
 
         def forward():
             with torch.inference_mode():
