@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -20,12 +20,13 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from dicom_node.errors import ConfigError
 
-ARCHITECTURES = (
-    "retinanet_r101_fpn",
+Architecture = Literal[
+    "retinanet_r101_fpn",  # the study's best model, the default
     "retinanet_r50_fpn",
     "faster_rcnn_r101_fpn",
     "faster_rcnn_r50_fpn",
@@ -34,15 +35,8 @@ ARCHITECTURES = (
     # Test double behind the detector interface: returns the boxes listed in the
     # JSON file named by `weights` (relative coordinates). For placement tests only.
     "fixed_boxes",
-)
-Architecture = Literal[
-    "retinanet_r101_fpn",
-    "retinanet_r50_fpn",
-    "faster_rcnn_r101_fpn",
-    "faster_rcnn_r50_fpn",
-    "retinanet_r18_fpn",
-    "fixed_boxes",
 ]
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 
 # The packaged demo checkpoint; ``weights = "demo"`` in the config selects it.
 DEMO_WEIGHTS = "demo"
@@ -78,6 +72,9 @@ class NodeConfig(_Section):
     # Only for benchmarks and throwaway test nodes: skipping fsync breaks the
     # promise that an acknowledged instance survives a power loss.
     fsync: bool = True
+    # Disk watermark: a C-STORE is refused with Out of Resources (0xA700, the sender
+    # retries later) when storing it would leave less than this free under data_dir.
+    min_free_megabytes: Annotated[int, Field(ge=0)] = 1024
 
 
 class CallerConfig(_Section):
@@ -86,11 +83,34 @@ class CallerConfig(_Section):
 
 
 class TLSConfig(_Section):
-    enabled: bool = False
+    """DICOM over TLS (PS3.15 Annex B); the files are loaded at startup by dicom_node.tls."""
+
+    enabled: bool = False  # the SCP accepts TLS connections only
+    # This node's certificate chain and key (PEM): the SCP's server certificate, and the
+    # client certificate the SCU presents to destinations with `tls = true`.
     certificate: Path | None = None
     private_key: Path | None = None
+    # CAs trusted for client certificates (SCP) and destination servers (SCU);
+    # unset: the SCU trusts the system's CAs.
     ca_certificates: Path | None = None
     require_client_certificate: bool = False
+    # PS3.15 B.9/B.10 (BCP 195 profiles): TLS 1.2 or later, never older.
+    minimum_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TLSConfig":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key must be set together")
+        if self.enabled and self.certificate is None:
+            raise ValueError("enabled = true needs certificate and private_key")
+        if self.require_client_certificate and not self.enabled:
+            raise ValueError("require_client_certificate = true needs enabled = true")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError(
+                "require_client_certificate = true needs ca_certificates (the CAs that sign "
+                "client certificates)"
+            )
+        return self
 
 
 class SecurityConfig(_Section):
@@ -164,6 +184,10 @@ class DestinationConfig(_Section):
     ae_title: AETitle
     host: str
     port: Port
+    # DICOM over TLS (PS3.15 B.9): the destination's certificate must be signed by
+    # security.tls.ca_certificates (or a system CA) and name tls_server_name (default: host).
+    tls: bool = False
+    tls_server_name: str | None = None
 
 
 class DeliveryConfig(_Section):
@@ -171,6 +195,16 @@ class DeliveryConfig(_Section):
     retry_backoff_seconds: Annotated[float, Field(ge=0)] = 10.0
     max_backoff_seconds: Annotated[float, Field(ge=0)] = 600.0
     lease_seconds: Annotated[float, Field(gt=0)] = 120.0
+
+
+class HealthConfig(_Section):
+    """The HTTP health endpoint (GET /health), off by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080  # 0: pick a free port (tests)
+    # Degraded (HTTP 503) when the oldest pending job has waited longer than this.
+    max_pending_age_seconds: Annotated[float, Field(gt=0)] = 1800.0
 
 
 class LoggingConfig(_Section):
@@ -187,6 +221,7 @@ class Config(_Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
     destinations: list[DestinationConfig] = Field(default_factory=list)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("destinations")
