@@ -24,6 +24,7 @@ peer's Error Comment (free text that could quote patient data).
 
 from __future__ import annotations
 
+import ssl
 import time
 from pathlib import Path
 
@@ -37,9 +38,10 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from dicom_node.config import DestinationConfig
+from dicom_node.config import DestinationConfig, TLSConfig
 from dicom_node.errors import PermanentError, RetryableError
 from dicom_node.log import get_logger
+from dicom_node.tls import describe_error, scu_tls_args
 
 log = get_logger(__name__)
 
@@ -74,8 +76,9 @@ REJECTED_PERMANENT = 0x01
 
 
 def describe(destination: DestinationConfig) -> str:
-    """How messages name a destination: ``pacs (PACS_AE@10.0.0.5:104)``."""
-    return f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    """How messages name a destination: ``pacs (PACS_AE@10.0.0.5:104)``, ``..., TLS)``."""
+    tls = ", TLS" if destination.tls else ""
+    return f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port}{tls})"
 
 
 def status_name(code: int) -> str:
@@ -85,13 +88,19 @@ def status_name(code: int) -> str:
 
 
 def send_file(
-    path: Path, destination: DestinationConfig, *, calling_ae_title: str, timeout: float = 30
+    path: Path,
+    destination: DestinationConfig,
+    *,
+    calling_ae_title: str,
+    timeout: float = 30,
+    tls: TLSConfig | None = None,
 ) -> None:
     """C-STORE the DICOM file at `path` to `destination` on one association.
 
     Proposes the file's SOP class with its transfer syntax (and, for an uncompressed file,
     Explicit and Implicit VR Little Endian too). Returns when the destination has stored
-    it; raises RetryableError or PermanentError (see the module docstring).
+    it; raises RetryableError or PermanentError (see the module docstring). `tls`
+    (security.tls) gives the CAs and client certificate for a destination with ``tls = true``.
     """
     dataset = _read(Path(path))
     sop_class = UID(dataset.SOPClassUID)
@@ -103,7 +112,7 @@ def send_file(
 
     ae = _application_entity(calling_ae_title, timeout)
     ae.add_requested_context(sop_class, syntaxes)
-    assoc = _associate(ae, destination, what=f"{sop_class.name} ({syntax.name})")
+    assoc = _associate(ae, destination, what=f"{sop_class.name} ({syntax.name})", tls=tls)
     try:
         status = assoc.send_c_store(dataset)
     except (OSError, RuntimeError) as error:  # RuntimeError: the association died
@@ -115,13 +124,19 @@ def send_file(
     _check_store_status(status, destination, sop_instance)
 
 
-def echo(destination: DestinationConfig, *, calling_ae_title: str, timeout: float = 10) -> str:
+def echo(
+    destination: DestinationConfig,
+    *,
+    calling_ae_title: str,
+    timeout: float = 10,
+    tls: TLSConfig | None = None,
+) -> str:
     """C-ECHO `destination`; return a one-line result, raise RetryableError on any failure."""
     ae = _application_entity(calling_ae_title, timeout)
     ae.add_requested_context(Verification)
     started = time.monotonic()
     try:
-        assoc = _associate(ae, destination, what="Verification")
+        assoc = _associate(ae, destination, what="Verification", tls=tls)
     except PermanentError as error:
         # `dicom-node echo` reports every failure the same way: the peer is not usable now.
         raise RetryableError(str(error)) from error
@@ -163,15 +178,19 @@ def _application_entity(calling_ae_title: str, timeout: float) -> AE:
     return ae
 
 
-def _associate(ae: AE, destination: DestinationConfig, *, what: str) -> Association:
+def _associate(
+    ae: AE, destination: DestinationConfig, *, what: str, tls: TLSConfig | None
+) -> Association:
     where = describe(destination)
     connected: list[bool] = []
+    tls_args = scu_tls_args(destination, tls)  # ConfigError when a TLS file is unusable
     try:
         assoc = ae.associate(
             destination.host,
             destination.port,
             ae_title=destination.ae_title,
             evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
+            tls_args=tls_args,
         )
     except OSError as error:  # the host name does not resolve (DNS may come back)
         raise RetryableError(f"cannot reach {where}: {error.strerror or error}") from error
@@ -186,11 +205,22 @@ def _associate(ae: AE, destination: DestinationConfig, *, what: str) -> Associat
         raise RetryableError(f"{where} rejected the association ({reason})")
     if assoc.rejected_contexts and not assoc.accepted_contexts:
         raise PermanentError(f"{where} does not accept {what}")
+    if tls_args and tls_args[0].tls_errors:
+        _raise_tls_error(where, tls_args[0].tls_errors[-1])
     if not connected:
         raise RetryableError(f"cannot connect to {where} (refused or no answer within {timeout:g} s)")
     if response is None:
         raise RetryableError(f"{where} did not answer the association request within {timeout:g} s")
     raise RetryableError(f"association with {where} aborted")
+
+
+def _raise_tls_error(where: str, error: BaseException) -> None:
+    message = f"TLS handshake with {where} failed: {describe_error(error)}"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        # Its certificate is not signed by our CAs, expired, or names another host:
+        # retrying cannot help until a certificate or security.tls.ca_certificates changes.
+        raise PermanentError(message) from error
+    raise RetryableError(message) from error
 
 
 def _close(assoc: Association) -> None:
