@@ -46,6 +46,9 @@ def cmd_check_config(args) -> int:
     from dicom_node.analyse.detector import load_detector
 
     load_detector(config.detector, device="cpu")
+    from dicom_node.tls import check_tls
+
+    check_tls(config)
     print(f"{args.config}: OK (architecture {config.detector.architecture}, "
           f"{len(config.destinations)} destination(s), data_dir {config.node.data_dir})")
     return 0
@@ -88,6 +91,9 @@ def cmd_jobs(args) -> int:
                   f"{delivery:18}  {job.study_uid}")
             if job.error:
                 print(f"{'':>6}  error: {job.error}")
+            for delivery in getattr(job, "deliveries", ()):
+                if delivery.error:
+                    print(f"{'':>6}  delivery {delivery.destination} ({delivery.state}): {delivery.error}")
         return 0
     if args.jobs_command == "show":
         job = queue.get_job(args.job_id)
@@ -105,9 +111,87 @@ def cmd_jobs(args) -> int:
     raise AssertionError(args.jobs_command)
 
 
+def _fetch_health(config) -> dict:
+    """The running node's GET /health answer (200 or 503 both carry the report)."""
+    import urllib.error
+    import urllib.request
+
+    host = config.health.host if config.health.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    url = f"http://{host}:{config.health.port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as error:  # 503: degraded, the body says why
+        return json.load(error)
+    except (OSError, ValueError) as error:
+        return {"status": "unreachable", "problems": [f"GET {url}: {error}"]}
+
+
+def status_report(config, queue) -> dict:
+    """What `dicom-node status` shows: is the node running, the queue, the last errors."""
+    from dicom_node.health import queue_depth, running_node_pid
+
+    stats = queue.stats()
+    pid = running_node_pid(config.node.data_dir)
+    report = {
+        "node": {"running": pid is not None, "pid": pid or None, "data_dir": str(config.node.data_dir)},
+        "queue_depth": queue_depth(stats),
+        **stats,
+    }
+    if config.health.enabled and pid is not None:
+        report["health"] = _fetch_health(config)
+    return report
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def _states(counts: dict) -> str:
+    return ", ".join(f"{state} {count}" for state, count in counts.items())
+
+
+def print_status(report: dict) -> None:
+    node = report["node"]
+    running = f"running (pid {node['pid']})" if node["running"] else "not running"
+    print(f"node:        {running}, data_dir {node['data_dir']}")
+    health = report.get("health")
+    if health:
+        print(f"health:      {health.get('status')}" + "".join(f"; {p}" for p in health.get("problems", [])))
+        if "workers" in health:
+            workers = health["workers"]
+            listening = "listening" if health.get("scp_listening") else "NOT listening"
+            print(f"             SCP {listening}, workers alive {workers['alive']}/{workers['expected']}")
+    print(f"jobs:        {_states(report['jobs'])} (queue depth {report['queue_depth']})")
+    print(f"oldest pending job: {_age(report['oldest_pending_job_age_seconds'])}")
+    print(f"deliveries:  {_states(report['deliveries'])}")
+    instances = report.get("instances") or {}
+    if instances:
+        print(f"instances:   {instances['total']} stored, {instances['missing']} missing their file")
+    for missing in report.get("missing_instances") or []:
+        print(f"  missing: {missing['sop_instance_uid']} at {missing['path']}")
+    errors = report.get("last_errors") or []
+    print("last errors:" + ("" if errors else " none"))
+    for error in errors:
+        where = f" -> {error['destination']}" if error.get("destination") else ""
+        print(f"  {error.get('at')}  job {error.get('job_id')}{where}  study {error.get('study_uid')}")
+        print(f"      {error.get('error')}")
+
+
 def cmd_status(args) -> int:
-    queue = _queue(_load(args))
-    print(json.dumps(queue.stats(), indent=2, default=str))
+    config = _load(args)
+    report = status_report(config, _queue(config))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_status(report)
     return 0
 
 
@@ -123,7 +207,7 @@ def cmd_echo(args) -> int:
     failed = 0
     for destination in destinations:
         try:
-            result = echo(destination, calling_ae_title=config.node.ae_title)
+            result = echo(destination, calling_ae_title=config.node.ae_title, tls=config.security.tls)
             print(f"{destination.name}: {result}")
         except RetryableError as error:
             print(f"{destination.name}: FAILED {error}")
@@ -231,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("serve", help="run the node in the foreground")).set_defaults(func=cmd_serve)
     with_config(sub.add_parser("check-config", help="validate the config and load the detector")).set_defaults(
         func=cmd_check_config)
-    with_config(sub.add_parser("status", help="queue depth, oldest pending job, last errors")).set_defaults(
-        func=cmd_status)
+    status = with_config(sub.add_parser("status", help="node running?, queue depth, oldest pending job, last errors"))
+    status.add_argument("--json", action="store_true", help="the full report as JSON")
+    status.set_defaults(func=cmd_status)
 
     jobs = with_config(sub.add_parser("jobs", help="inspect and retry analysis jobs"))
     jobs.set_defaults(func=cmd_jobs)

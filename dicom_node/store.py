@@ -11,6 +11,9 @@ under tmp/, fsynced, renamed into place with ``os.replace``, and the directory
 holding the new name is fsynced (so is every directory created on the way).
 After a power loss a final name therefore points at a complete file or does not
 exist; it never points at a partial one.
+
+At startup `reconcile` makes the files and the queue's instance rows agree again
+(see its docstring and README "Crash safety and faults").
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -146,6 +150,24 @@ class InstanceStore:
         self._fsync_dir(self.results_dir)
         return final
 
+    def free_bytes(self) -> int:
+        """Bytes still writable on data_dir's filesystem (``statvfs``: a cheap syscall).
+
+        ``f_bavail`` leaves out the blocks reserved for root, so the answer is the
+        same whichever user the node runs as.
+        """
+        stats = os.statvfs(self.data_dir)
+        return stats.f_bavail * stats.f_frsize
+
+    def instance_files(self) -> Iterator[Path]:
+        """Every file at instance depth (instances/<study>/<series>/<file>), in no order."""
+        for study in _subdirs(self.instances_dir):
+            for series in _subdirs(study):
+                with os.scandir(series) as entries:
+                    for entry in entries:
+                        if entry.is_file(follow_symlinks=False):
+                            yield Path(entry.path)
+
     def remove_orphan_temp_files(self) -> int:
         """Delete what a crash left in tmp/; call at startup only. Returns the count."""
         removed = 0
@@ -192,3 +214,106 @@ class InstanceStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _subdirs(folder: Path) -> Iterator[Path]:
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield Path(entry.path)
+
+
+# --------------------------------------------------------------------------- startup
+
+
+@dataclass
+class Reconciliation:
+    """What `reconcile` found and did at startup (UIDs and paths only, never patient data)."""
+
+    temp_files_removed: int = 0
+    missing: list[str] = field(default_factory=list)  # SOP Instance UIDs whose file is gone
+    found_again: int = 0  # rows marked missing earlier whose file is back
+    recorded: list[str] = field(default_factory=list)  # files that had no row, now recorded
+    unrecognised: list[str] = field(default_factory=list)  # paths left alone (not ours to judge)
+
+
+def _stored_identity(store: InstanceStore, path: Path) -> dict | None:
+    """record_instance() arguments for a file the SCP wrote, or None if it is not one.
+
+    The file must parse, and its UIDs must give back exactly its own path: anything
+    else was not put there by the SCP and is left alone.
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        identity = {
+            "sop_instance_uid": validate_uid(ds.get("SOPInstanceUID"), name="SOP Instance UID"),
+            "sop_class_uid": validate_uid(ds.get("SOPClassUID"), name="SOP Class UID"),
+            "study_uid": validate_uid(ds.get("StudyInstanceUID"), name="Study Instance UID"),
+            "series_uid": validate_uid(ds.get("SeriesInstanceUID"), name="Series Instance UID"),
+            "transfer_syntax": validate_uid(
+                ds.file_meta.get("TransferSyntaxUID"), name="Transfer Syntax UID"
+            ),
+        }
+        # The SCP writes the caller into the File Meta (PS3.10 7.1, Sending AE Title).
+        calling_ae = str(ds.file_meta.get("SendingApplicationEntityTitle", "") or "").strip()
+    except Exception:  # whatever pydicom raises: not a file the SCP wrote (the caller logs it)
+        return None
+    expected = store.instance_path(
+        study_uid=identity["study_uid"],
+        series_uid=identity["series_uid"],
+        sop_instance_uid=identity["sop_instance_uid"],
+    )
+    if os.path.abspath(expected) != os.path.abspath(path):
+        return None
+    return {
+        **identity,
+        "path": str(path),
+        "calling_ae": calling_ae[:16] or "UNKNOWN",
+        "size_bytes": path.stat().st_size,
+    }
+
+
+def reconcile(store: InstanceStore, queue) -> Reconciliation:
+    """Make the instance files and the instance rows agree again; call at startup only.
+
+    - tmp/ is emptied (writes a crash interrupted; never acknowledged);
+    - a row whose file is gone is marked missing (``missing_since``), shown by
+      ``dicom-node status`` and logged; a job for its study fails naming the file;
+    - a file without a row (a crash between the rename and the commit: the sender got
+      no Success and will likely send it again, as a duplicate) is recorded, so nothing
+      stored is ignored; its study gets analysed like any other;
+    - a file under instances/ that the SCP did not write is logged and left in place.
+    """
+    result = Reconciliation(temp_files_removed=store.remove_orphan_temp_files())
+    on_disk = {os.path.abspath(path): path for path in store.instance_files()}
+    known_paths = set()
+    for sop_instance_uid, path in queue.instance_paths():
+        known_paths.add(os.path.abspath(path))
+        if os.path.abspath(path) not in on_disk and not os.path.exists(path):
+            result.missing.append(sop_instance_uid)
+    newly_missing, result.found_again = queue.set_missing_instances(result.missing)
+    for key in sorted(set(on_disk) - known_paths):
+        path = on_disk[key]
+        identity = _stored_identity(store, path)
+        if identity is not None and queue.record_instance(**identity):
+            result.recorded.append(identity["sop_instance_uid"])
+        else:
+            result.unrecognised.append(str(path))
+    if result.missing:
+        log.error(
+            "instances_missing", count=len(result.missing), newly_missing=newly_missing,
+            sop_instance_uids=result.missing[:10],
+        )
+    if result.found_again:
+        log.info("instances_found_again", count=result.found_again)
+    if result.recorded:
+        log.warning(
+            "unrecorded_instances_recorded", count=len(result.recorded),
+            sop_instance_uids=result.recorded[:10],
+        )
+    if result.unrecognised:
+        log.warning(
+            "unrecognised_instance_files", count=len(result.unrecognised),
+            paths=result.unrecognised[:10],
+        )
+    return result

@@ -119,6 +119,8 @@ instances = Table(
     Column("path", Text, nullable=False),
     Column("size_bytes", BigInteger, nullable=False),
     Column("received_at", UTCDateTime, nullable=False),
+    # Set at startup when the file is gone (deleted, lost disk); cleared if it comes back.
+    Column("missing_since", UTCDateTime),
 )
 
 jobs = Table(
@@ -163,6 +165,7 @@ class Instance:
     calling_ae: str
     size_bytes: int
     received_at: datetime
+    missing_since: datetime | None = None  # the file was not found at the last startup
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Each public method is one short transaction, committed before it returns.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -53,6 +54,7 @@ BUSY_TIMEOUT_SECONDS = 30
 MAX_ERROR_CHARS = 2000
 _READ_ONLY = "dicom_node_read_only"  # execution option: plain (deferred) BEGIN for readers
 _NOUN = {"jobs": "job", "deliveries": "delivery"}
+_IN_CHUNK = 500  # values per IN (...) list, well under SQLite's bound-parameter limit
 
 log = get_logger(__name__)
 
@@ -376,6 +378,36 @@ class Queue:
             )
         return True
 
+    def instance_paths(self) -> list[tuple[str, str]]:
+        """(SOP Instance UID, path) of every recorded instance, for the startup reconciliation."""
+        stmt = select(instances.c.sop_instance_uid, instances.c.path).order_by(instances.c.id)
+        with self._read() as conn:
+            return [(row.sop_instance_uid, row.path) for row in conn.execute(stmt)]
+
+    def set_missing_instances(
+        self, sop_instance_uids: Collection[str], *, now: datetime | None = None
+    ) -> tuple[int, int]:
+        """Mark exactly these instances as missing their file; clear the mark on all others.
+
+        Returns (newly marked, cleared). An instance still missing keeps its first
+        `missing_since`.
+        """
+        now = now or utcnow()
+        wanted = sorted(set(sop_instance_uids))
+        with self._write() as conn:
+            marked = select(instances.c.sop_instance_uid).where(instances.c.missing_since.is_not(None))
+            marked_before = set(conn.scalars(marked))
+            newly = [uid for uid in wanted if uid not in marked_before]
+            cleared = sorted(marked_before - set(wanted))
+            for column_value, uids in ((now, newly), (None, cleared)):
+                for start in range(0, len(uids), _IN_CHUNK):
+                    conn.execute(
+                        update(instances)
+                        .where(instances.c.sop_instance_uid.in_(uids[start : start + _IN_CHUNK]))
+                        .values(missing_since=column_value)
+                    )
+        return len(newly), len(cleared)
+
     def study_instances(self, study_uid: str) -> list[Instance]:
         """The study's instances, by series then arrival."""
         stmt = (
@@ -388,16 +420,30 @@ class Queue:
 
     # --- jobs --------------------------------------------------------------------
 
-    def enqueue_ready_studies(self, *, stable_seconds: float, now: datetime | None = None) -> list[int]:
+    def enqueue_ready_studies(
+        self,
+        *,
+        stable_seconds: float,
+        now: datetime | None = None,
+        listening_since: datetime | None = None,
+    ) -> list[int]:
         """Create one pending job per study that is ready; returns the new job ids.
 
         Ready: no instance for `stable_seconds`, and instances recorded since the
         study was last enqueued. If the study still has a pending job, that job
         takes the new instances (a job reads the study's instances when it runs),
         so no second job is made; otherwise the next generation is created.
+
+        `listening_since` is when the SCP (re)started listening: time before it is
+        not quiet time, since senders could not send while the node was down. A study
+        cut off by a crash or restart thus waits `stable_seconds` after the restart
+        for its re-sent rest, instead of being analysed in part and then again (a
+        second generation, a second GSPS) when the rest arrives.
         """
         now = now or utcnow()
         quiet_since = now - timedelta(seconds=stable_seconds)
+        if listening_since is not None and listening_since > quiet_since:
+            return []
         ready = (
             select(studies.c.study_uid, studies.c.instance_count)
             .where(studies.c.instance_count > studies.c.enqueued_instance_count)
@@ -519,6 +565,35 @@ class Queue:
                 now=now or utcnow(),
             )
 
+    def fail_running_jobs_of(
+        self,
+        worker: str,
+        *,
+        error: str,
+        backoff_seconds: float,
+        max_attempts: int,
+        now: datetime | None = None,
+    ) -> list[tuple[int, str]]:
+        """Fail the jobs held by `worker`, whose process died; returns [(job id, new state)].
+
+        The attempt was counted when the job was claimed, so each job goes back to
+        pending after the backoff, or to failed once max_attempts is spent: a study
+        that kills its worker every time cannot take the pool down forever. Jobs of
+        other workers are not touched.
+        """
+        now = now or utcnow()
+        held = select(jobs.c.id).where(jobs.c.state == State.RUNNING, jobs.c.worker == worker)
+        failed = []
+        with self._write() as conn:
+            for job_id in conn.scalars(held.order_by(jobs.c.id)).all():
+                state = _fail(
+                    conn, jobs, job_id, worker=worker, error=error, retryable=True,
+                    backoff_seconds=backoff_seconds, max_backoff_seconds=float("inf"),
+                    max_attempts=max_attempts, now=now,
+                )
+                failed.append((job_id, state.value))
+        return failed
+
     def retry_job(self, job_id: int, *, now: datetime | None = None) -> bool:
         """Retry what failed: a failed job, or a done job's failed deliveries.
 
@@ -616,6 +691,9 @@ class Queue:
     def stats(self, *, last_errors: int = 5, now: datetime | None = None) -> dict:
         """Counts per job and delivery state, the oldest pending job's age, the latest errors.
 
+        "instances" counts the recorded instances and those whose file was gone at the
+        last startup (see store.reconcile); "missing_instances" lists the first of those.
+
         Errors are those still carried by a job or delivery (cleared on success), newest
         first, as {"job_id", "study_uid", "destination" (None for a job's own), "error", "at"}.
         """
@@ -625,8 +703,21 @@ class Queue:
             counts = {table.name: _count_by_state(conn, table) for table in (jobs, deliveries)}
             oldest = conn.scalar(oldest_pending)
             errors = [dict(row._mapping) for row in conn.execute(_latest_errors(last_errors))]
+            instance_total = conn.scalar(select(func.count()).select_from(instances))
+            is_missing = instances.c.missing_since.is_not(None)
+            missing_total = conn.scalar(select(func.count()).select_from(instances).where(is_missing))
+            missing = conn.execute(
+                select(instances.c.sop_instance_uid, instances.c.study_uid, instances.c.path,
+                       instances.c.missing_since)
+                .where(is_missing)
+                .order_by(instances.c.id)
+                .limit(last_errors)
+            )
+            missing = [dict(row._mapping) for row in missing]
         return {
             **counts,
+            "instances": {"total": instance_total, "missing": missing_total},
+            "missing_instances": missing,
             "oldest_pending_job_age_seconds": None if oldest is None else (now - oldest).total_seconds(),
             "last_errors": errors,
         }

@@ -8,7 +8,7 @@ fails, the log of each process it used is attached to the failure report
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -43,7 +43,8 @@ def orthanc_factory(tmp_path, request) -> Iterator[Callable[..., OrthancServer]]
     """Start Orthanc servers: ``orthanc_factory(modalities={"node": ["DICOM_NODE", host, port]})``.
 
     Keyword arguments: ae_title, modalities (DicomModalities entries), overrides
-    (any other Orthanc option). Each server gets its own folder under tmp_path.
+    (any other Orthanc option), dicom_port (a port chosen in advance; default: a free
+    one). Each server gets its own folder under tmp_path.
     """
     _require("Orthanc", orthanc_binary() is not None)
     _require("dcmtk (echoscu)", shutil.which("echoscu") is not None)
@@ -54,12 +55,14 @@ def orthanc_factory(tmp_path, request) -> Iterator[Callable[..., OrthancServer]]
         ae_title: str = DEFAULT_AE_TITLE,
         modalities: dict[str, Any] | None = None,
         overrides: dict[str, Any] | None = None,
+        dicom_port: int | None = None,
     ) -> OrthancServer:
         server = OrthancServer(
             tmp_path / f"orthanc-{len(servers) + 1}",
             ae_title=ae_title,
             modalities=modalities,
             overrides=overrides,
+            dicom_port=dicom_port,
         )
         servers.append(server)
         _track(request, server)
@@ -78,12 +81,23 @@ def orthanc(orthanc_factory) -> OrthancServer:
 
 @pytest.fixture
 def storescp_factory(tmp_path, request) -> Iterator[Callable[..., StoreSCP]]:
-    """Start dcmtk storescp receivers: ``storescp_factory(ae_title="MODALITY")``."""
+    """Start dcmtk storescp receivers: ``storescp_factory(ae_title="MODALITY")``.
+
+    ``port`` (default: a free one) and ``extra_args`` (e.g. ``["--abort-after"]`` for a
+    failing peer) are passed to storescp.
+    """
     _require("dcmtk (storescp)", shutil.which("storescp") is not None)
     receivers: list[StoreSCP] = []
 
-    def start(*, ae_title: str = "STORESCP") -> StoreSCP:
-        receiver = StoreSCP(tmp_path / f"storescp-{len(receivers) + 1}", ae_title=ae_title)
+    def start(
+        *, ae_title: str = "STORESCP", port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> StoreSCP:
+        receiver = StoreSCP(
+            tmp_path / f"storescp-{len(receivers) + 1}",
+            ae_title=ae_title,
+            port=port,
+            extra_args=extra_args,
+        )
         receivers.append(receiver)
         _track(request, receiver)
         return receiver.start()

@@ -106,12 +106,21 @@ class StoreSCP:
     that list is therefore a complete file, never one still being written.
     """
 
-    def __init__(self, workdir: Path, *, ae_title: str = "STORESCP"):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        ae_title: str = "STORESCP",
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+    ):
         self.workdir = workdir
         self.ae_title = ae_title
         self.incoming = workdir / "incoming"
         self.received_log = workdir / "received.txt"
-        self.port: int | None = None
+        self._fixed_port = port  # None: a free port on each start
+        self.extra_args = [str(arg) for arg in extra_args]
+        self.port: int | None = port
         self.process: ManagedProcess | None = None
 
     def start(self, *, timeout: float = 30) -> StoreSCP:
@@ -121,7 +130,8 @@ class StoreSCP:
         return self
 
     def _spawn(self, _attempt: int) -> ManagedProcess:
-        (self.port,) = free_ports(1)
+        if self._fixed_port is None:
+            (self.port,) = free_ports(1)
         on_reception = f"echo #f >> {shlex.quote(str(self.received_log))}"
         command = [
             "storescp", "--verbose",
@@ -130,6 +140,7 @@ class StoreSCP:
             "--accept-all",  # every transfer syntax dcmtk supports, compressed included
             "--disable-host-lookup",
             "--exec-on-reception", on_reception,
+            *self.extra_args,
             self.port,
         ]  # fmt: skip
         return ManagedProcess(
@@ -137,7 +148,9 @@ class StoreSCP:
         )
 
     def _answers_echo(self, _process: ManagedProcess) -> bool:
-        return echoscu(self.port, self.ae_title, timeout=10).ok
+        result = echoscu(self.port, self.ae_title, timeout=10)
+        # Started with --refuse, it is up when it answers with an A-ASSOCIATE-RJ.
+        return result.ok or ("--refuse" in self.extra_args and "Association Rejected" in result.output)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -216,6 +216,7 @@ class OrthancServer:
         ae_title: str = DEFAULT_AE_TITLE,
         modalities: Mapping[str, Any] | None = None,
         overrides: Mapping[str, Any] | None = None,
+        dicom_port: int | None = None,
     ):
         self.workdir = workdir
         self.ae_title = ae_title
@@ -223,7 +224,9 @@ class OrthancServer:
         self.overrides = dict(overrides or {})
         self.config_path = workdir / "orthanc.json"
         self.http_port: int | None = None
-        self.dicom_port: int | None = None
+        # Given: a port chosen in advance (a PACS that comes up where a node already sends).
+        self._fixed_dicom_port = dicom_port
+        self.dicom_port: int | None = dicom_port
         self.process: ManagedProcess | None = None
 
     @property
@@ -241,7 +244,10 @@ class OrthancServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
 
         def spawn(_attempt: int) -> ManagedProcess:
-            self.http_port, self.dicom_port = free_ports(2)
+            if self._fixed_dicom_port is None:
+                self.http_port, self.dicom_port = free_ports(2)
+            else:
+                (self.http_port,) = free_ports(1)
             config = orthanc_config(
                 self.workdir,
                 http_port=self.http_port,
