@@ -39,7 +39,10 @@ class _StderrLogger:
     """Writes each line to whatever sys.stderr is *now* (pytest swaps it per test)."""
 
     def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        # One write per line: worker processes share the stream, and print() writes the
+        # line and its newline separately, so two processes' lines could interleave.
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import multiprocessing
 import queue as stdlib_queue
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from dicom_node.config import Config
@@ -30,6 +32,41 @@ log = get_logger("dicom_node.node")
 
 WORKER_START_TIMEOUT_SECONDS = 600
 SHUTDOWN_GRACE_SECONDS = 60
+# A worker that dies sooner than this after its start (it cannot load the model, or
+# something kills it at once) is restarted after a growing pause, up to the maximum.
+WORKER_STABLE_SECONDS = 60
+WORKER_RESTART_MAX_DELAY_SECONDS = 60
+
+
+class StopFlag:
+    """The pool's stop signal to its workers, safe when a worker is SIGKILLed.
+
+    multiprocessing.Event is a Condition whose set() waits until every process sleeping
+    in wait() has woken up; a worker killed there (OOM killer, kill -9) never does, and
+    set() blocks the node's shutdown forever. A shared byte, written and read without a
+    lock, cannot be left locked by a dead process; waiting is polling it.
+    """
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self, context: multiprocessing.context.BaseContext):
+        self._flag = context.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._flag.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value)
+
+    def wait(self, timeout: float) -> bool:
+        """Return True once set, False after `timeout` seconds (like Event.wait)."""
+        deadline = time.monotonic() + timeout
+        while not self.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(self.POLL_SECONDS, remaining))
+        return True
 
 
 @dataclass
@@ -41,9 +78,12 @@ class WorkerPool:
         default_factory=lambda: multiprocessing.get_context("spawn")
     )
     processes: dict[str, multiprocessing.Process] = field(default_factory=dict)
+    started_at: dict[str, float] = field(default_factory=dict)
+    quick_deaths: dict[str, int] = field(default_factory=dict)
+    restart_at: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.stop_event = self.context.Event()
+        self.stop_event = StopFlag(self.context)
         self.ready_queue = self.context.Queue()
 
     def _spawn(self, name: str) -> None:
@@ -57,6 +97,7 @@ class WorkerPool:
         )
         process.start()
         self.processes[name] = process
+        self.started_at[name] = time.monotonic()
 
     def start(self) -> None:
         """Start every worker and wait until each has loaded its model (or failed to)."""
@@ -81,13 +122,59 @@ class WorkerPool:
                 raise ConfigError(f"detector: {detail}")
             pending.discard(name)
 
-    def replace_dead(self) -> None:
+    def replace_dead(self, queue=None) -> None:
+        """Replace workers that died (OOM kill, CUDA error...); call periodically.
+
+        With `queue`, the job a dead worker held fails at once (its attempt counts; it is
+        retried after the backoff, up to workers.max_attempts) instead of waiting for its
+        lease to expire. The replacement starts before the next call, or after a pause
+        when the worker keeps dying soon after starting.
+        """
         if self.stop_event.is_set():
             return
+        self._log_start_failures()
+        now = time.monotonic()
         for name, process in list(self.processes.items()):
-            if not process.is_alive():
-                log.error("worker_died", worker=name, exitcode=process.exitcode)
+            if process.is_alive():
+                continue
+            if name not in self.restart_at:
+                self._on_death(name, process, queue, now)
+            if now >= self.restart_at[name]:
+                del self.restart_at[name]
                 self._spawn(name)
+
+    def _on_death(self, name: str, process, queue, now: float) -> None:
+        code = process.exitcode
+        cause = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit status {code}"
+        lived = now - self.started_at.get(name, now)
+        quick = self.quick_deaths.get(name, 0) + 1 if lived < WORKER_STABLE_SECONDS else 0
+        self.quick_deaths[name] = quick
+        delay = 0.0 if quick <= 1 else min(2.0 ** (quick - 1), WORKER_RESTART_MAX_DELAY_SECONDS)
+        self.restart_at[name] = now + delay
+        log.error("worker_died", worker=name, exitcode=code, cause=cause, restart_in_seconds=delay)
+        if queue is None:
+            return  # its job is reclaimed when the lease expires
+        # Before the replacement (same name) starts: only the dead process's jobs match.
+        held = queue.fail_running_jobs_of(
+            name,
+            error=f"worker {name} died ({cause}) while analysing this study",
+            backoff_seconds=self.config.workers.retry_backoff_seconds,
+            max_attempts=self.config.workers.max_attempts,
+        )
+        for job_id, state in held:
+            (log.error if state == "failed" else log.warning)(
+                "job_worker_died", job_id=job_id, worker=name, state=state
+            )
+
+    def _log_start_failures(self) -> None:
+        """Report replacements that could not load the detector (they exit; see replace_dead)."""
+        while True:
+            try:
+                name, state, detail = self.ready_queue.get_nowait()
+            except stdlib_queue.Empty:
+                return
+            if state == "error":
+                log.error("worker_start_failed", worker=name, error=detail)
 
     def stop(self, timeout: float = SHUTDOWN_GRACE_SECONDS) -> None:
         self.stop_event.set()
@@ -118,7 +205,8 @@ def deliver_once(queue, config: Config, *, worker: str = "deliver") -> bool:
     policy = config.delivery
     try:
         destination = config.destination(delivery.destination)
-        send_file(Path(delivery.path), destination, calling_ae_title=config.node.ae_title)
+        send_file(Path(delivery.path), destination, calling_ae_title=config.node.ae_title,
+                  tls=config.security.tls)
     except (RetryableError, PermanentError, ConfigError) as error:
         state = queue.fail_delivery(
             delivery.id, worker=worker, error=str(error), retryable=isinstance(error, RetryableError),
@@ -152,11 +240,15 @@ class Node:
     def _scheduler(self, queue, pool: WorkerPool) -> None:
         watchdog_every = 10.0
         last_watchdog = 0.0
+        # The SCP started listening just before this thread: quiet time counts from now.
+        listening_since = datetime.now(timezone.utc)
         while not self._stop.wait(0.5):
             try:
-                for job_id in queue.enqueue_ready_studies(stable_seconds=self.config.study.stable_seconds):
+                for job_id in queue.enqueue_ready_studies(
+                    stable_seconds=self.config.study.stable_seconds, listening_since=listening_since
+                ):
                     log.info("job_enqueued", job_id=job_id)
-                pool.replace_dead()
+                pool.replace_dead(queue)
             except Exception as error:  # keep scheduling; the database may be busy for a moment
                 log.error("scheduler_error", error=f"{type(error).__name__}: {error}")
             if time.monotonic() - last_watchdog > watchdog_every:
@@ -173,21 +265,44 @@ class Node:
                 self._stop.wait(1)
 
     def run(self) -> int:
+        from dicom_node.health import RunLock, start_health_server
         from dicom_node.queue.ops import Queue
         from dicom_node.receive.scp import start_scp
-        from dicom_node.store import InstanceStore
+        from dicom_node.store import InstanceStore, reconcile
+        from dicom_node.tls import check_tls
 
         config = self.config
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
+        run_lock = RunLock(config.node.data_dir).acquire()  # one node per data_dir; read by `status`
+        check_tls(config)  # a missing or bad TLS file stops the node before any worker starts
         store = InstanceStore(config.node.data_dir, fsync=config.node.fsync)
-        removed = store.remove_orphan_temp_files()
         queue = Queue(config.database_url)
         queue.migrate()
-        log.info("node_starting", data_dir=str(config.node.data_dir), orphan_temp_files_removed=removed,
+        # Before the SCP listens: temp files, rows without files, files without rows.
+        reconciled = reconcile(store, queue)
+        # We hold the run lock, so whatever is still running was a crashed node's.
+        abandoned = queue.expire_leases()
+        log.info("node_starting", data_dir=str(config.node.data_dir),
+                 orphan_temp_files_removed=reconciled.temp_files_removed,
+                 instances_missing=len(reconciled.missing), instances_recorded=len(reconciled.recorded),
+                 abandoned_leases_expired=abandoned,
                  architecture=config.detector.architecture, workers=config.workers.count)
         pool = WorkerPool(config)
         pool.start()
-        self.server = start_scp(config, queue=queue, store=store)
+        # pynetdicom spools each incoming dataset to a tempfile (see receive/scp.py). Under
+        # data_dir/tmp, what a crash leaves there (partial datasets: patient data) is removed
+        # by reconcile at the next start; in the system temp dir it would stay for good.
+        tempfile.tempdir = str(store.tmp_dir)
+        try:
+            self.server = start_scp(config, queue=queue, store=store)
+            health = start_health_server(config, queue=queue, scp=self.server, pool=pool)  # None: off
+        except BaseException:
+            # e.g. the port is taken: the workers are not daemons, stop them or we hang.
+            if self.server is not None:
+                self.server.shutdown()
+            pool.stop()
+            run_lock.release()
+            raise
         threads = [
             threading.Thread(target=self._scheduler, args=(queue, pool), name="scheduler", daemon=True),
             threading.Thread(target=self._deliverer, args=(queue,), name="deliver", daemon=True),
@@ -204,6 +319,9 @@ class Node:
         for thread in threads:
             thread.join(30)
         pool.stop()
+        if health:
+            health.stop()
+        run_lock.release()
         log.info("node_stopped")
         return 0
 

@@ -42,3 +42,23 @@ def test_serve_refuses_to_start_without_its_checkpoint(tmp_path):
     assert result.returncode == 2
     assert "missing.pt" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_on_a_port_in_use_is_a_config_error_and_exits(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        boxes = tmp_path / "boxes.json"
+        boxes.write_text('{"label": "TEST DOUBLE", "boxes": []}')
+        config = tmp_path / "node.toml"
+        config.write_text(
+            f"[node]\nhost = '127.0.0.1'\nport = {port}\ndata_dir = 'data'\n"
+            f"[detector]\narchitecture = 'fixed_boxes'\nweights = '{boxes}'\n"
+        )
+        result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

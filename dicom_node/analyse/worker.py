@@ -20,14 +20,16 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import traceback
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pydicom
-from pydicom.uid import generate_uid
 
 from dicom_node.config import Config
-from dicom_node.errors import PermanentError, UnsupportedImage
+from dicom_node.errors import NodeError, PermanentError, UnsupportedImage
 from dicom_node.log import get_logger
 from dicom_node.queue.ops import LeaseLost
 
@@ -40,7 +42,24 @@ def result_uid(study_uid: str, generation: int, purpose: str) -> str:
     A job retried after a crash therefore produces the same GSPS SOP Instance UID, and a
     PACS that already stored it treats a second delivery as the same object.
     """
-    return generate_uid(prefix=None, entropy_srcs=["dicom-node", study_uid, str(generation), purpose])
+    # PS3.5 B.2: "2.25." followed by a UUID as an integer. A name-based UUID (RFC 4122
+    # version 5) is a function of its name. (pydicom's generate_uid(prefix=None) ignores
+    # entropy_srcs and returns a random UUID: a different UID on every attempt.)
+    name = "/".join(("dicom-node", study_uid, str(generation), purpose))
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
+
+
+def describe_error(error: BaseException) -> str:
+    """A job error safe to store and log: our own messages, else type and raise site.
+
+    Messages of library exceptions (pydicom, numpy, codecs) can quote dataset values,
+    patient name included, so they never reach the job table or the logs.
+    """
+    if isinstance(error, NodeError):
+        return str(error)
+    frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(error).__name__}{where}"
 
 
 @dataclass
@@ -78,7 +97,7 @@ def analyse_study(paths: Sequence[str], detector, config: Config, *, job_log=log
         try:
             ds = pydicom.dcmread(path)
         except Exception as error:  # a stored file that no longer parses
-            raise PermanentError(f"cannot read stored instance {path}: {error}") from error
+            raise PermanentError(f"cannot read stored instance {path}: {describe_error(error)}") from error
         uid = str(ds.SOPInstanceUID)
         analysis.images.append(ds)
         try:
@@ -90,7 +109,7 @@ def analyse_study(paths: Sequence[str], detector, config: Config, *, job_log=log
             continue
         except Exception as error:
             # Corrupt or undecodable pixel data fails this image's study, not the worker.
-            raise PermanentError(f"cannot decode pixel data of {uid}: {error}") from error
+            raise PermanentError(f"cannot decode pixel data of {uid}: {describe_error(error)}") from error
         if frame is not None:
             analysis.frames[uid] = frame
         analysis.detections[uid] = list(detector.detect([prepared])[0])
@@ -137,6 +156,22 @@ def report_study(paths, detector, config: Config, *, study_uid: str, generation:
     return gsps, analysis
 
 
+def check_files_present(instances) -> None:
+    """Raise PermanentError naming the study's stored files that are gone.
+
+    The whole job fails rather than skipping those images: a result that silently
+    covers part of the study could be read as "analysed, nothing found". Once the
+    files are restored, `dicom-node jobs retry ID` analyses the study again.
+    """
+    missing = [instance for instance in instances if not os.path.exists(instance.path)]
+    if missing:
+        first = missing[0]
+        raise PermanentError(
+            f"{len(missing)} of {len(instances)} stored instance file(s) of the study are missing "
+            f"(first: {first.sop_instance_uid} at {first.path}); restore them, then retry the job"
+        )
+
+
 def _fail(queue, job, worker: str, config: Config, error: str, *, retryable: bool) -> str | None:
     """Record a failed attempt; None when the lease was lost to another worker."""
     try:
@@ -156,6 +191,7 @@ def process_job(job, *, queue, store, detector, config: Config, worker: str) -> 
     try:
         with _Heartbeat(queue, job.id, worker, config.workers.lease_seconds):
             instances = queue.study_instances(job.study_uid)
+            check_files_present(instances)
             gsps, analysis = report_study(
                 [i.path for i in instances], detector, config,
                 study_uid=job.study_uid, generation=job.generation, job_log=job_log,
@@ -166,7 +202,7 @@ def process_job(job, *, queue, store, detector, config: Config, worker: str) -> 
         # PermanentError (corrupt pixels, unreadable file) fails at once; anything else
         # is retried with backoff, up to workers.max_attempts.
         retryable = not isinstance(error, PermanentError)
-        message = f"{type(error).__name__}: {error}" if retryable else str(error)
+        message = describe_error(error)
         state = _fail(queue, job, worker, config, message, retryable=retryable)
         if state is None:
             job_log.warning("job_lease_lost")
@@ -237,11 +273,13 @@ def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds
         ready_queue.put((name, "error", str(error)))
         return
     except Exception as error:
-        ready_queue.put((name, "error", f"{type(error).__name__}: {error}"))
+        ready_queue.put((name, "error", describe_error(error)))
         return
     queue = Queue(config.database_url)
     store = InstanceStore(config.node.data_dir, fsync=config.node.fsync)
-    worker_log.info("worker_ready", device=device, architecture=config.detector.architecture)
+    worker_log.info(
+        "worker_ready", pid=os.getpid(), device=device, architecture=config.detector.architecture
+    )
     ready_queue.put((name, "ready", device))
     while not stop_event.is_set() and os.getppid() == parent_pid:
         job = queue.claim_next_job(

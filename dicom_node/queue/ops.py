@@ -594,6 +594,23 @@ class Queue:
                 failed.append((job_id, state.value))
         return failed
 
+    def expire_leases(self, *, now: datetime | None = None) -> int:
+        """End every lease at once; returns how many jobs and deliveries were running.
+
+        Called at startup, while the node holds the data directory's run lock: whatever
+        is still `running` was held by a node that crashed, and is claimed again now
+        instead of after its lease. The claim counts the attempt as usual, so work that
+        crashes the node every time still ends in `failed` after max_attempts.
+        """
+        now = now or utcnow()
+        with self._write() as conn:
+            return sum(
+                conn.execute(
+                    update(table).where(table.c.state == State.RUNNING).values(lease_until=now)
+                ).rowcount
+                for table in (jobs, deliveries)
+            )
+
     def retry_job(self, job_id: int, *, now: datetime | None = None) -> bool:
         """Retry what failed: a failed job, or a done job's failed deliveries.
 

@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import logging
+import mmap
 import os
 import re
 import socket
 import threading
+import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
+import pydicom.config
 import structlog
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
@@ -43,6 +46,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    UID,
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import split_dataset
@@ -54,11 +58,14 @@ from pynetdicom.sop_class import (
     Verification,
 )
 from pynetdicom.status import Status
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.config import CallerConfig, Config
+from dicom_node.errors import ConfigError
 from dicom_node.log import get_logger
+from dicom_node.receive.structure import MalformedDataset, scan_dataset
 from dicom_node.store import InstanceStore, validate_uid
+from dicom_node.tls import scp_context, server_handshake
 
 log = get_logger("dicom_node.receive")
 
@@ -84,14 +91,21 @@ TRANSFER_SYNTAXES = (
     RLELossless,
 )
 ACCEPTED_MODALITIES = frozenset({"MG"})
-# The attributes the handler reads; pixel data is never decoded here.
-IDENTITY_KEYWORDS = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "Modality",
-)
+# Modality defined terms (PS3.3 C.7.3.1.1.1) a refusal may name. Any other value is not
+# quoted: it is whatever the sender put there, patient data included.
+KNOWN_MODALITIES = frozenset("CR CT DX ES IO MG MR NM OT PT PX RF RG SC SM US XA XC".split())
+MEGABYTE = 1024 * 1024
+MAX_PDU_BYTES = MEGABYTE
+# The attributes the handler reads (tag -> name); pixel data is never decoded here.
+IDENTITY_UIDS = {
+    0x00080016: "SOP Class UID",
+    0x00080018: "SOP Instance UID",
+    0x0020000D: "Study Instance UID",
+    0x0020000E: "Series Instance UID",
+}
+MODALITY_TAG = 0x00080060
+# A deflated data set is inflated in memory to be checked; beyond this it is refused.
+MAX_INFLATED_BYTES = 512 * MEGABYTE
 
 
 class StoreStatus(IntEnum):
@@ -298,38 +312,106 @@ def _log_aborted(event: evt.Event) -> None:
     log.warning("association_aborted")
 
 
+def discard_unhandled_datasets(association) -> None:
+    """Delete the spool files of C-STOREs that were never handed to handle_store.
+
+    pynetdicom spools a data set to a NamedTemporaryFile(delete=False) as it arrives and
+    deletes it once the handler has run. A data set cut off by an abort, a dropped
+    connection or a release, or complete but still queued when the association ended,
+    would stay on disk (patient data) until the next start. Called when the
+    association's thread ends, however it ends (pynetdicom fires no event when its DUL
+    thread dies on a malformed PDU).
+    """
+    dimse = association.dimse
+    queued = [primitive for _, primitive in list(dimse.msg_queue.queue)]
+    spools = [getattr(dimse.message, "_data_set_file", None)]
+    spools += [getattr(primitive, "_dataset_file", None) for primitive in queued]
+    for spool in filter(None, spools):
+        Path(spool.name).unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- C-STORE
 
 
-def read_identity(path: Path) -> InstanceIdentity:
-    """Parse the identifying attributes of a received dataset; raise InstanceRefused."""
+def safe_uid(value) -> str:
+    """``value`` if it is a UID, else a placeholder: a hostile "UID" may hold patient data."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(IDENTITY_KEYWORDS))
-        values = {keyword: ds.get(keyword) for keyword in IDENTITY_KEYWORDS}
-    except Exception as error:
-        # The exception text may quote raw element bytes (patient data): type only.
+        return validate_uid(value, name="UID")
+    except ValueError:
+        return "(not a valid UID)"
+
+
+def _inflate(data: bytes) -> bytes:
+    """Inflate a Deflated Explicit VR Little Endian data set (PS3.5 A.5), bounded in size."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(data, MAX_INFLATED_BYTES + 1)
+    except zlib.error:
         raise InstanceRefused(
-            StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed ({type(error).__name__})"
+            StoreStatus.CANNOT_UNDERSTAND, "dataset cannot be parsed (broken deflate stream)"
         ) from None
+    if len(inflated) > MAX_INFLATED_BYTES:
+        raise InstanceRefused(
+            StoreStatus.OUT_OF_RESOURCES,
+            f"deflated dataset inflates to more than {MAX_INFLATED_BYTES // MEGABYTE} MB",
+        )
+    if not inflater.eof:
+        raise InstanceRefused(
+            StoreStatus.CANNOT_UNDERSTAND, "dataset cannot be parsed (deflate stream ends early)"
+        )
+    return inflated
+
+
+def read_identity(path: Path, *, transfer_syntax: str) -> InstanceIdentity:
+    """Check the spooled data set's structure and read its identifying attributes.
+
+    Raises InstanceRefused. The data set must be well formed in the negotiated transfer
+    syntax (see dicom_node.receive.structure), since it is stored as received; no reason
+    quotes a received value, which could be patient data.
+    """
+    syntax = UID(transfer_syntax)
+    wanted = frozenset({*IDENTITY_UIDS, MODALITY_TAG})
+    _, offset = split_dataset(path)  # pynetdicom's File Meta, then the data set as received
+    try:
+        with open(path, "rb") as spool:
+            with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                if syntax == DeflatedExplicitVRLittleEndian:
+                    scanned = scan_dataset(_inflate(data[offset:]), implicit=False, wanted=wanted)
+                else:
+                    implicit = syntax == ImplicitVRLittleEndian
+                    scanned = scan_dataset(data, start=offset, implicit=implicit, wanted=wanted)
+    except MalformedDataset as error:
+        raise InstanceRefused(
+            StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {error}"
+        ) from None
+    # PS3.5 A.4: compressed transfer syntaxes encapsulate Pixel Data (undefined length),
+    # native ones do not; otherwise the stored file would misstate its own pixels.
+    encapsulated = scanned.pixel_data_encapsulated
+    if encapsulated is not None and encapsulated != syntax.is_encapsulated:
+        state = "encapsulated" if encapsulated else "not encapsulated"
+        raise InstanceRefused(
+            StoreStatus.CANNOT_UNDERSTAND, f"Pixel Data is {state}, unlike the transfer syntax"
+        )
+
+    def text(tag: int) -> str:
+        return scanned.values.get(tag, b"").decode("ascii", "replace").strip("\x00 ")
+
     uids = {}
-    for keyword, label in (
-        ("SOPClassUID", "SOP Class UID"),
-        ("SOPInstanceUID", "SOP Instance UID"),
-        ("StudyInstanceUID", "Study Instance UID"),
-        ("SeriesInstanceUID", "Series Instance UID"),
-    ):
-        if not values[keyword]:
+    for tag, label in IDENTITY_UIDS.items():
+        if not text(tag):
             raise InstanceRefused(StoreStatus.CANNOT_UNDERSTAND, f"{label} is missing")
         try:
-            uids[keyword] = validate_uid(values[keyword], name=label)
-        except ValueError as error:
-            raise InstanceRefused(StoreStatus.CANNOT_UNDERSTAND, str(error)) from None
+            uids[tag] = validate_uid(text(tag), name=label)
+        except ValueError:
+            raise InstanceRefused(
+                StoreStatus.CANNOT_UNDERSTAND, f"{label} is not a valid UID"
+            ) from None
     return InstanceIdentity(
-        sop_class_uid=uids["SOPClassUID"],
-        sop_instance_uid=uids["SOPInstanceUID"],
-        study_uid=uids["StudyInstanceUID"],
-        series_uid=uids["SeriesInstanceUID"],
-        modality=str(values["Modality"] or "").strip(),
+        sop_class_uid=uids[0x00080016],
+        sop_instance_uid=uids[0x00080018],
+        study_uid=uids[0x0020000D],
+        series_uid=uids[0x0020000E],
+        modality=text(MODALITY_TAG),
     )
 
 
@@ -343,18 +425,19 @@ def check_identity(
         raise InstanceRefused(
             StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
             f"SOP Class UID differs from the C-STORE request's ({identity.sop_class_uid} vs "
-            f"{request_sop_class})",
+            f"{safe_uid(request_sop_class)})",
         )
     if identity.sop_instance_uid != request_sop_instance:
         raise InstanceRefused(
             StoreStatus.CANNOT_UNDERSTAND,
             f"SOP Instance UID differs from the C-STORE request's ({identity.sop_instance_uid} "
-            f"vs {request_sop_instance})",
+            f"vs {safe_uid(request_sop_instance)})",
         )
     if identity.modality not in ACCEPTED_MODALITIES:
+        known = identity.modality in KNOWN_MODALITIES
+        modality = identity.modality if known else "(missing or unknown)"
         raise InstanceRefused(
-            StoreStatus.SOP_CLASS_NOT_SUPPORTED,
-            f"Modality {identity.modality or '(missing)'} is not accepted, only MG",
+            StoreStatus.SOP_CLASS_NOT_SUPPORTED, f"Modality {modality} is not accepted, only MG"
         )
 
 
@@ -396,18 +479,38 @@ def _status(status: StoreStatus, comment: str | None = None) -> Dataset:
     return response
 
 
-def handle_store(event: evt.Event, queue, store: InstanceStore) -> Dataset:
+def check_free_space(store: InstanceStore, *, incoming_bytes: int, min_free_bytes: int) -> None:
+    """Refuse the instance if storing it would leave less than ``min_free_bytes`` free.
+
+    Checked before anything is written, so a refusal leaves no partial file; the
+    statvfs call is cheap enough to make per C-STORE, so storage resumes as soon as
+    space returns.
+    """
+    free = store.free_bytes()
+    if free - incoming_bytes < min_free_bytes:
+        # PS3.4 B.2.3: Refused: Out of Resources; the sender keeps the instance and retries.
+        raise InstanceRefused(
+            StoreStatus.OUT_OF_RESOURCES,
+            f"disk space low: {free // MEGABYTE} MB free, node.min_free_megabytes is "
+            f"{min_free_bytes // MEGABYTE}",
+        )
+
+
+def handle_store(event: evt.Event, queue, store: InstanceStore, min_free_bytes: int = 0) -> Dataset:
     """EVT_C_STORE: store and record the instance, or say why not. Never raises."""
     request = event.request
     try:
         calling_ae = event.assoc.requestor.ae_title
         called_ae = event.assoc.acceptor.ae_title
         transfer_syntax = event.context.transfer_syntax
-        identity = read_identity(event.dataset_path)
+        identity = read_identity(event.dataset_path, transfer_syntax=transfer_syntax)
         check_identity(
             identity,
             request_sop_class=str(request.AffectedSOPClassUID),
             request_sop_instance=str(request.AffectedSOPInstanceUID),
+        )
+        check_free_space(
+            store, incoming_bytes=os.path.getsize(event.dataset_path), min_free_bytes=min_free_bytes
         )
         with store.temp_path() as staged:
             size = write_part10(
@@ -442,14 +545,14 @@ def handle_store(event: evt.Event, queue, store: InstanceStore) -> Dataset:
             "instance_refused",
             reason=refused.reason,
             status=f"0x{refused.status:04X}",
-            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            sop_instance_uid=safe_uid(request.AffectedSOPInstanceUID),
         )
         return _status(refused.status, refused.reason)
     except OSError as error:
         log.error(
             "instance_store_failed",
             error=f"{type(error).__name__}: {error.strerror or error}",
-            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            sop_instance_uid=safe_uid(request.AffectedSOPInstanceUID),
         )
         return _status(StoreStatus.OUT_OF_RESOURCES, "cannot write the instance")
     except Exception as error:
@@ -458,7 +561,7 @@ def handle_store(event: evt.Event, queue, store: InstanceStore) -> Dataset:
         log.error(
             "instance_store_failed",
             error=f"{type(error).__name__}: {str(error)[:500]}",
-            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            sop_instance_uid=safe_uid(request.AffectedSOPInstanceUID),
         )
         return _status(StoreStatus.PROCESSING_FAILURE, "internal error while storing")
 
@@ -466,15 +569,90 @@ def handle_store(event: evt.Event, queue, store: InstanceStore) -> Dataset:
 # --------------------------------------------------------------------------- server
 
 
+class StoreRequestHandler(RequestHandler):
+    """pynetdicom's per-connection handler, with two hooks on the association's threads."""
+
+    def _create_association(self):
+        association = super()._create_association()
+        run, dul_run = association.run, association.dul.run
+
+        def run_then_discard() -> None:
+            try:
+                run()
+            finally:
+                discard_unhandled_datasets(association)
+
+        def dul_run_then_wake() -> None:
+            try:
+                dul_run()
+            finally:
+                # An acceptor waits up to the ACSE timeout for its A-ASSOCIATE-RQ even when
+                # the connection is already gone (garbage, a port scan, a TCP health check),
+                # and counts against node.max_associations all that time: wake it up.
+                association.dul.to_user_queue.put(None)
+
+        association.run = run_then_discard
+        association.dul.run = dul_run_then_wake
+        return association
+
+
 class StoreServer(ThreadedAssociationServer):
-    """The association server, with Nagle off on every accepted connection."""
+    """The association server, with Nagle off on every accepted connection.
+
+    With TLS the handshake runs in the association's thread (pynetdicom would run it
+    in the accept loop, where one silent client blocks every other connection).
+    """
 
     def get_request(self):
-        client_socket, address = super().get_request()
+        client_socket, address = self.socket.accept()
         # DIMSE is request/response: without TCP_NODELAY each small response
         # PDU can wait for the peer's delayed ACK (tens of ms per instance).
         client_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # pynetdicom checks its network timeout only between PDUs and reads a PDU with
+        # blocking recv() calls (accepted sockets have no timeout): a peer that stops
+        # in the middle of a PDU would hold the association's threads, and its slot
+        # under node.max_associations, forever.
+        client_socket.settimeout(self.ae.network_timeout)
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
         return client_socket, address
+
+    def process_request_thread(self, request, client_address):
+        if self.ssl_context and not server_handshake(
+            request, timeout=self.ae.network_timeout, peer=str(client_address[0])
+        ):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
+class _WithoutReceivedValues(logging.Filter):
+    """Keeps pynetdicom's log lines free of what peers sent.
+
+    pynetdicom quotes received values ("Non-conformant 'Affected SOP Instance UID' value
+    '...'", and a hostile UID may hold a patient's name) and attaches tracebacks whose
+    text holds raw PDU bytes. A line is kept up to its first quote, a traceback as its type.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message, quote, _ = record.getMessage().partition("'")
+        if quote:
+            message = f"{message.rstrip()} (received values not logged)"
+        if record.exc_info and record.exc_info[0] is not None:
+            message = f"{message} [{record.exc_info[0].__name__}]"
+        record.msg, record.args = message, None
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+def _keep_received_values_out_of_logs() -> None:
+    """Filter every pynetdicom logger (a logger's filters do not apply to its children)."""
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "pynetdicom"]
+    for logger in map(logging.getLogger, names):
+        if not any(isinstance(f, _WithoutReceivedValues) for f in logger.filters):
+            logger.addFilter(_WithoutReceivedValues())
 
 
 def build_ae(config: Config) -> AE:
@@ -482,8 +660,17 @@ def build_ae(config: Config) -> AE:
     # Spool C-STORE datasets to a file as they arrive instead of decoding them:
     # constant memory per association and the bytes are stored as sent.
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # pydicom's reading validation warns (log and stderr) quoting the value, e.g. of a
+    # command's "UID" that holds a patient's name; this process validates what it reads
+    # itself (dicom_node.receive.structure, validate_uid).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    _keep_received_values_out_of_logs()
     ae = AE(ae_title=config.node.ae_title)
-    ae.maximum_pdu_size = 0  # no limit on the PDUs we receive: fewer, larger PDUs
+    # PS3.8 D.1: the Maximum Length a peer may send us. pynetdicom holds a whole PDU in
+    # memory (several copies) before spooling it: unlimited, a 128 MiB image sent as one
+    # PDU raised the SCP's peak memory by 513 MiB, against 4 MiB with 1 MiB PDUs, which
+    # were also faster. A tomosynthesis volume in one PDU could exhaust the memory.
+    ae.maximum_pdu_size = MAX_PDU_BYTES
     ae.maximum_associations = config.node.max_associations
     ae.network_timeout = config.node.network_timeout_seconds
     ae.acse_timeout = config.node.network_timeout_seconds
@@ -509,16 +696,24 @@ def start_scp(config: Config, *, queue, store: InstanceStore) -> StoreServer:
         (evt.EVT_ESTABLISHED, _log_established),
         (evt.EVT_RELEASED, _log_released),
         (evt.EVT_ABORTED, _log_aborted),
-        (evt.EVT_C_STORE, handle_store, [queue, store]),
+        (evt.EVT_C_STORE, handle_store, [queue, store, config.node.min_free_megabytes * MEGABYTE]),
     ]
     # ae.start_server(block=False) without its fixed server class: same steps.
-    server = ae.make_server(
-        (config.node.host, config.node.port), evt_handlers=handlers, server_class=StoreServer
-    )
+    try:
+        server = ae.make_server(
+            (config.node.host, config.node.port), evt_handlers=handlers, server_class=StoreServer,
+            request_handler=StoreRequestHandler,
+            ssl_context=scp_context(config),  # None: plain TCP (PS3.15 Annex B when set)
+        )
+    except OSError as error:  # port in use, address not on this host, port < 1024 unprivileged
+        raise ConfigError(
+            f"node.host/node.port: cannot listen on {config.node.host}:{config.node.port} ({error.strerror})"
+        ) from None
     threading.Thread(
         target=server.serve_forever, name=f"StoreServer@{config.node.port}", daemon=True
     ).start()
     ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
     host, port = server.server_address[:2]
-    log.info("scp_listening", ae_title=config.node.ae_title, host=host, port=port)
+    log.info("scp_listening", ae_title=config.node.ae_title, host=host, port=port,
+             tls=config.security.tls.enabled)
     return server

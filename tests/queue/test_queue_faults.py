@@ -120,3 +120,15 @@ def test_migration_0002_keeps_instances_recorded_under_0001(tmp_path):
         assert queue.stats()["instances"] == {"total": 1, "missing": 0}
     finally:
         queue.close()
+
+
+def test_expire_leases_at_startup_lets_a_crashed_nodes_job_be_claimed_at_once(queue):
+    job_id = claimed_job(queue, "worker-1")
+    restart = T0 + timedelta(seconds=10)  # long before the 300 s lease would end
+    assert queue.claim_next_job(worker="worker-1", lease_seconds=LEASE, now=restart) is None
+
+    assert queue.expire_leases(now=restart) == 1
+
+    again = queue.claim_next_job(worker="worker-1", lease_seconds=LEASE, now=restart + timedelta(seconds=1))
+    assert (again.id, again.attempts) == (job_id, 2)  # the crashed attempt still counts
+    assert queue.expire_leases(now=restart) == 1  # the new claim is running again

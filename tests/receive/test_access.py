@@ -88,7 +88,7 @@ def test_build_ae_offers_mammography_classes_in_every_syntax():
     from pynetdicom import _config
     from pynetdicom.sop_class import Verification
 
-    from dicom_node.receive.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, build_ae
+    from dicom_node.receive.scp import MAX_PDU_BYTES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, build_ae
 
     ae = build_ae(config())
     offered = {cx.abstract_syntax: set(cx.transfer_syntax) for cx in ae.supported_contexts}
@@ -96,6 +96,6 @@ def test_build_ae_offers_mammography_classes_in_every_syntax():
     for sop_class in STORAGE_SOP_CLASSES:
         assert offered[sop_class] == set(TRANSFER_SYNTAXES)
     assert len(ae.supported_contexts) <= 128  # pynetdicom's limit
-    assert ae.maximum_pdu_size == 0
+    assert ae.maximum_pdu_size == MAX_PDU_BYTES
     assert ae.maximum_associations == 4
     assert _config.STORE_RECV_CHUNKED_DATASET is True
