@@ -118,6 +118,10 @@ class AugmentConfig(_Table):
     gamma: Annotated[float, Field(ge=0, lt=1)] = 0.1  # x ** U(1-g, 1+g)
     rotation_degrees: Annotated[float, Field(ge=0, le=45)] = 10.0  # U(-d, d)
     horizontal_flip: Annotated[float, Field(ge=0, le=1)] = 0.5  # probability
+    # Not in the study: train on crop_size x crop_size windows (0: whole images), centred
+    # near a mass with probability crop_focus. Cheap training at full scale (demo weights).
+    crop_size: Annotated[int, Field(ge=0)] = 0
+    crop_focus: Annotated[float, Field(ge=0, le=1)] = 0.5
 
 
 class TrainConfig(_Table):
@@ -130,7 +134,7 @@ class TrainConfig(_Table):
     export: Path | None = None
     export_half: bool = False  # store the exported weights as float16 (smaller file)
     label: str = DEFAULT_LABEL
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0
     checkpoint_every: Annotated[int, Field(ge=1)] = 1000
     eval_every: Annotated[int, Field(ge=0)] = 2000  # 0: validate only at the end
     # Score threshold for the precision/recall/F1 part of validation (AP50 uses all scores).
