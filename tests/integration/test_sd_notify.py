@@ -1,0 +1,54 @@
+"""systemd readiness and watchdog: a real `dicom-node serve` talks sd_notify to a socket we hold.
+
+systemd (Type=notify, WatchdogSec=) listens on the datagram socket named by NOTIFY_SOCKET;
+this test plays systemd's part with a real AF_UNIX socket.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from .node_process import NodeProcess, write_config
+from .process import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_serve_notifies_ready_after_listening_then_watchdog_and_stopping(tmp_path, monkeypatch):
+    notify_path = tmp_path / "notify.sock"
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(notify_path))
+    systemd.settimeout(0.2)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"label": "TEST DOUBLE", "boxes": []}))
+    config = write_config(tmp_path / "node.toml", {
+        "node": {"host": "127.0.0.1", "port": 0, "data_dir": str(tmp_path / "data")},
+        "detector": {"architecture": "fixed_boxes", "weights": str(boxes)},
+    })
+    received: list[str] = []
+
+    def messages():
+        try:
+            while True:
+                received.append(systemd.recv(4096).decode())
+        except TimeoutError:
+            pass
+        return received
+
+    node = NodeProcess(config)
+    try:
+        node.start()
+        wait_for(lambda: "READY=1" in messages() and "WATCHDOG=1" in received, 30,
+                 description="READY=1 and WATCHDOG=1")
+        # READY=1 only once the SCP listens: the port it logged accepts connections now.
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5):
+            pass
+        assert node.stop() == 0
+        assert "STOPPING=1" in messages()
+    finally:
+        node.kill()
+        systemd.close()
