@@ -297,12 +297,14 @@ def parse_config(data: dict, *, base_dir: Path, source: str = "config") -> Confi
 def load_config(path: str | Path) -> Config:
     """Load and validate the TOML file at ``path``; raise ConfigError naming the bad key."""
     path = Path(path)
+    return parse_config(read_toml(path), base_dir=path.resolve().parent, source=str(path))
+
+
+def read_toml(path: Path, *, what: str = "config file") -> dict:
+    """The TOML mapping in ``path``; an unreadable or invalid file is a ConfigError naming it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read config file ({error.strerror})") from None
-    try:
-        data = tomllib.loads(text)
+        raise ConfigError(f"{path}: cannot read {what} ({error.strerror})") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
-    return parse_config(data, base_dir=path.resolve().parent, source=str(path))

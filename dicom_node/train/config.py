@@ -14,13 +14,12 @@ checked against the architecture, so a file cannot silently claim the wrong loss
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dicom_node.config import Architecture, _format_validation_error
+from dicom_node.config import Architecture, _format_validation_error, read_toml
 from dicom_node.errors import ConfigError
 
 # The loss each detector family trains with (fixed by the torchvision heads).
@@ -186,12 +185,7 @@ def parse_train_config(data: dict, *, base_dir: Path, source: str = "train confi
 def load_train_config(path: str | Path, *, overrides: dict | None = None) -> TrainConfig:
     """Load ``path`` (TOML); ``overrides`` ({"optimizer.iterations": 10, ...}) replace keys."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read training config ({error.strerror})") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    data = read_toml(path, what="training config")
     for dotted, value in (overrides or {}).items():
         table = data
         *parents, key = dotted.split(".")
