@@ -35,6 +35,8 @@ from dicom_node.queue.ops import LeaseLost
 
 log = get_logger("dicom_node.worker")
 
+DEMO_SERIES_DESCRIPTION = "DEMO WEIGHTS, synthetic masses only - NOT FOR DIAGNOSIS"
+
 
 def result_uid(study_uid: str, generation: int, purpose: str) -> str:
     """A UID derived from the study and analysis generation, the same on every attempt.
@@ -144,10 +146,15 @@ def report_study(paths, detector, config: Config, *, study_uid: str, generation:
     from dicom_node.report.gsps import build_gsps
 
     analysis = analyse_study(paths, detector, config, job_log=job_log)
+    report = config.report
+    if getattr(detector, "label", "").upper().startswith("DEMO"):
+        # The radiologist sees the series description in the viewer's series list: a
+        # result of the demo weights must say what it is there, whatever the config says.
+        report = report.model_copy(update={"series_description": DEMO_SERIES_DESCRIPTION})
     gsps = build_gsps(
         analysis.images,
         analysis.detections,
-        report=config.report,
+        report=report,
         sop_instance_uid=result_uid(study_uid, generation, "gsps-instance"),
         series_instance_uid=result_uid(study_uid, generation, "gsps-series"),
         skipped=analysis.skipped,

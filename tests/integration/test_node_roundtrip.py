@@ -195,6 +195,7 @@ def test_default_config_serve_path_runs_the_demo_retinanet(tmp_path, orthanc, no
 
     gsps = wait_for_gsps(orthanc, str(ds.StudyInstanceUID), node)
     check_valid(gsps, tmp_path)
+    assert "DEMO WEIGHTS" in gsps.SeriesDescription and "NOT FOR DIAGNOSIS" in gsps.SeriesDescription
     found = boxes_by_image(gsps).get(str(ds.SOPInstanceUID), [])
     assert found, f"the demo model marked nothing on a phantom with {len(truth)} mass(es)"
 
