@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -37,6 +37,8 @@ Architecture = Literal[
     "fixed_boxes",
 ]
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 # The packaged demo checkpoint; ``weights = "demo"`` in the config selects it.
 DEMO_WEIGHTS = "demo"
@@ -285,13 +287,17 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     return config.model_copy(update={"node": node, "security": security, "detector": detector})
 
 
-def parse_config(data: dict, *, base_dir: Path, source: str = "config") -> Config:
-    """Validate a config mapping; relative paths resolve against ``base_dir``."""
+def validate_model(model: type[ModelT], data: dict, *, source: str) -> ModelT:
+    """``data`` validated as ``model``; a ConfigError naming each bad key otherwise."""
     try:
-        config = Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, source)) from None
-    return _resolve_paths(config, base_dir)
+
+
+def parse_config(data: dict, *, base_dir: Path, source: str = "config") -> Config:
+    """Validate a config mapping; relative paths resolve against ``base_dir``."""
+    return _resolve_paths(validate_model(Config, data, source=source), base_dir)
 
 
 def load_config(path: str | Path) -> Config:

@@ -17,10 +17,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dicom_node.config import Architecture, _format_validation_error, read_toml
-from dicom_node.errors import ConfigError
+from dicom_node.config import Architecture, read_toml, validate_model
 
 # The loss each detector family trains with (fixed by the torchvision heads).
 LOSS_BY_FAMILY = {"retinanet": "focal", "faster_rcnn": "cross_entropy"}
@@ -175,11 +174,7 @@ def _resolve(config: TrainConfig, base: Path) -> TrainConfig:
 
 def parse_train_config(data: dict, *, base_dir: Path, source: str = "train config") -> TrainConfig:
     """Validate a training config mapping; relative paths resolve against ``base_dir``."""
-    try:
-        config = TrainConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, source)) from None
-    return _resolve(config, base_dir)
+    return _resolve(validate_model(TrainConfig, data, source=source), base_dir)
 
 
 def load_train_config(path: str | Path, *, overrides: dict | None = None) -> TrainConfig:
