@@ -68,7 +68,7 @@ def _job_summary(job) -> dict:
         "result_sop_instance_uid": job.result_sop_instance_uid,
         "deliveries": [
             {"destination": d.destination, "state": d.state, "attempts": d.attempts, "error": d.error}
-            for d in getattr(job, "deliveries", ())
+            for d in job.deliveries
         ],
     }
 
@@ -83,7 +83,7 @@ def cmd_jobs(args) -> int:
         print(f"{'ID':>6}  {'STATE':8}  {'GEN':>3}  {'TRIES':>5}  {'DETS':>4}  {'DELIVERY':18}  STUDY / ERROR")
         for job in jobs:
             states = defaultdict(int)
-            for delivery in getattr(job, "deliveries", ()):
+            for delivery in job.deliveries:
                 states[delivery.state] += 1
             delivery = ",".join(f"{k}:{v}" for k, v in sorted(states.items())) or "-"
             detections = "-" if job.detections is None else job.detections
@@ -91,7 +91,7 @@ def cmd_jobs(args) -> int:
                   f"{delivery:18}  {job.study_uid}")
             if job.error:
                 print(f"{'':>6}  error: {job.error}")
-            for delivery in getattr(job, "deliveries", ()):
+            for delivery in job.deliveries:
                 if delivery.error:
                     print(f"{'':>6}  delivery {delivery.destination} ({delivery.state}): {delivery.error}")
         return 0
