@@ -35,6 +35,8 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
@@ -183,13 +185,27 @@ def _associate(
 ) -> Association:
     where = describe(destination)
     connected: list[bool] = []
+    rejections: list[A_ASSOCIATE] = []
+
+    def keep_rejection(event: evt.Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            rejections.append(event.pdu.to_primitive())
+
     tls_args = scu_tls_args(destination, tls)  # ConfigError when a TLS file is unusable
+    started = time.monotonic()
     try:
         assoc = ae.associate(
             destination.host,
             destination.port,
             ae_title=destination.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
+            evt_handlers=[
+                (evt.EVT_CONN_OPEN, lambda _event: connected.append(True)),
+                # pynetdicom race: when a peer rejects and closes the connection before the
+                # requesting thread has checked the socket, the association ends "aborted"
+                # and the A-ASSOCIATE-RJ never reaches assoc.acceptor. The DUL still decodes
+                # the PDU, so keep it from there (dcmtk `storescp --refuse` shows this).
+                (evt.EVT_PDU_RECV, keep_rejection),
+            ],
             tls_args=tls_args,
         )
     except OSError as error:  # the host name does not resolve (DNS may come back)
@@ -197,10 +213,12 @@ def _associate(
     if assoc.is_established:
         return assoc
     timeout = ae.connection_timeout
-    response = assoc.acceptor.primitive
-    if assoc.is_rejected and response is not None:
-        reason = f"{response.result_str}, {response.source_str}: {response.reason_str}"
-        if response.result == REJECTED_PERMANENT:
+    rejection = assoc.acceptor.primitive if assoc.is_rejected else None
+    if rejection is None and rejections:
+        rejection = rejections[-1]
+    if rejection is not None:
+        reason = f"{rejection.result_str}, {rejection.source_str}: {rejection.reason_str}"
+        if rejection.result == REJECTED_PERMANENT:
             raise PermanentError(f"{where} rejected the association ({reason})")
         raise RetryableError(f"{where} rejected the association ({reason})")
     if assoc.rejected_contexts and not assoc.accepted_contexts:
@@ -209,9 +227,9 @@ def _associate(
         _raise_tls_error(where, tls_args[0].tls_errors[-1])
     if not connected:
         raise RetryableError(f"cannot connect to {where} (refused or no answer within {timeout:g} s)")
-    if response is None:
-        raise RetryableError(f"{where} did not answer the association request within {timeout:g} s")
-    raise RetryableError(f"association with {where} aborted")
+    if time.monotonic() - started < timeout:
+        raise RetryableError(f"{where} closed the connection during association negotiation")
+    raise RetryableError(f"{where} did not answer the association request within {timeout:g} s")
 
 
 def _raise_tls_error(where: str, error: BaseException) -> None:

@@ -10,11 +10,15 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pydicom
 import pytest
 
+from dicom_node.config import DestinationConfig
+from dicom_node.deliver.scu import send_file
+from dicom_node.errors import PermanentError, RetryableError
 from tests import synthetic
 from tests.dciodvfy import assert_dciodvfy_clean
 
@@ -122,3 +126,22 @@ def test_failing_pacs_ends_in_failed_with_the_reason_and_jobs_retry_delivers(tmp
         gsps = pydicom.dcmread(path)
         assert (gsps.SOPClassUID, gsps.StudyInstanceUID) == (GSPS_SOP_CLASS, study_uid)
         assert referenced_images(gsps) == sent
+
+
+def test_a_refusing_pacs_reads_as_rejected_permanent_every_time(tmp_path, storescp_factory):
+    # dcmtk sends A-ASSOCIATE-RJ and closes at once; pynetdicom's requesting thread can see
+    # the closed socket before the RJ and call the association aborted (39 of 200 tries
+    # under CPU load before the node kept the RJ from the DUL).
+    refusing = storescp_factory(ae_title="PACS_B", extra_args=["--refuse"])
+    (image,) = synthetic.study(tmp_path / "study", n_images=1)
+    target = DestinationConfig.model_validate(destination("refuses", "PACS_B", refusing.port))
+    outcomes = Counter()
+    for _ in range(100):
+        try:
+            send_file(image, target, calling_ae_title=NODE_AE, timeout=10)
+            outcomes["stored"] += 1
+        except PermanentError as error:
+            outcomes["permanent" if "Rejected Permanent" in str(error) else str(error)] += 1
+        except RetryableError as error:
+            outcomes[str(error)] += 1
+    assert outcomes == {"permanent": 100}
