@@ -585,6 +585,16 @@ class StoreRequestHandler(RequestHandler):
         def dul_run_then_wake() -> None:
             try:
                 dul_run()
+            except Exception as error:  # noqa: BLE001 - a peer's bytes must not kill the thread loudly
+                # pynetdicom decodes a command in its DUL thread and raises on some malformed
+                # ones (a command set without Command Field: AttributeError); uncaught, the
+                # thread dies with a raw traceback on stderr. The connection ends either way.
+                log.warning(
+                    "association_protocol_error",
+                    error=type(error).__name__,
+                    peer=str(association.requestor.address),
+                    calling_ae=_calling_ae_of(association),
+                )
             finally:
                 # An acceptor waits up to the ACSE timeout for its A-ASSOCIATE-RQ even when
                 # the connection is already gone (garbage, a port scan, a TCP health check),

@@ -26,6 +26,7 @@ import random
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -471,6 +472,7 @@ def test_fuzzed_pdus_and_datasets_never_crash_leak_or_store_garbage(fuzz_node):
     log = node.output()
     for value in PHI_VALUES:
         assert value not in log, f"PHI value {value!r} reached the node's log"
+    assert "Traceback" not in log, log[log.index("Traceback") - 2000:][:6000]
     print(f"fuzz: {CASES} cases in {fuzz_seconds:.1f} s (+{STALLING_PEERS} stalling peers), "
           f"{len(fuzzer.stored)} instances stored, RSS {baseline_rss / 2**20:.0f} MiB -> "
           f"{(baseline_rss + rss_growth) / 2**20:.0f} MiB (limit +{RSS_GROWTH_LIMIT_BYTES / 2**20:.0f} MiB), "
@@ -589,3 +591,22 @@ def test_peers_are_told_a_bounded_maximum_pdu_length(node):
     with association(node.port, [("1.2.840.10008.1.1", [ImplicitVRLittleEndian])]) as assoc:
         assert assoc.is_established
         assert 0 < assoc.acceptor.maximum_length <= 1024 * 1024
+
+
+def test_a_command_without_command_field_ends_the_association_without_a_traceback(node, log_output, monkeypatch):
+    """pynetdicom raises AttributeError in its DUL thread on such a command; the node logs
+    the error's type and hangs up instead of letting the thread die with a traceback."""
+    uncaught = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
+    client = raw.RawClient(node.port, timeout=10)
+    Fuzzer(node.port, random.Random(0)).associate(client)
+    command = raw.command_set(AffectedSOPClassUID="1.2.840.10008.1.1", MessageID=1, CommandDataSetType=0x0101)
+    client.send(raw.p_data([(1, raw.COMMAND_LAST, command)]))
+    assert client.read_reply(until=()).closed
+    client.close()
+    wait_for(lambda: not node.server.active_associations, 10, description="the association to end")
+    assert uncaught == []
+    events = [json.loads(line) for line in log_output().splitlines() if line.startswith("{")]
+    assert [e["error"] for e in events if e["event"] == "association_protocol_error"] == ["AttributeError"]
+    with association(node.port, [("1.2.840.10008.1.1", [ImplicitVRLittleEndian])]) as assoc:
+        assert assoc.is_established and assoc.send_c_echo().Status == SUCCESS
