@@ -88,6 +88,9 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private; the node may run as another user (systemd
+        # DynamicUser) and must be able to read the model it is pointed at.
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as handle:
             torch.save(checkpoint, handle)
             handle.flush()

@@ -48,6 +48,7 @@ def test_half_precision_is_small_and_loads_as_float32(tmp_path):
     )
     # The packaged demo checkpoint must stay under 30 MB.
     assert path.stat().st_size < MAX_DEMO_BYTES
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by a node running as another user
     loaded = load_checkpoint(path)["state_dict"]
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point():
