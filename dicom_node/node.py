@@ -228,14 +228,36 @@ class Node:
     def __init__(self, config: Config):
         self.config = config
         self._stop = threading.Event()
+        self._signalled: int | None = None
         self.server = None
 
     @property
     def port(self) -> int:
         return self.server.server_address[1]
 
-    def request_stop(self, *_signal_args) -> None:
+    def request_stop(self) -> None:
         self._stop.set()
+
+    def _on_signal(self, signum, _frame) -> None:
+        # Only a flag: the handler runs in the main thread between two bytecodes, maybe
+        # while that thread holds the Event's own (non-reentrant) lock inside wait(), and
+        # calling set() there would deadlock. The main loop below turns it into the Event.
+        self._signalled = signum
+
+    def handle_signals(self) -> None:
+        """SIGTERM (systemd's stop) and SIGINT stop the node; call from the main thread."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _wait_for_stop(self) -> None:
+        # A timeout, never a bare wait(): a process-directed signal may be taken by another
+        # thread, which does not interrupt a main thread blocked on a lock; Python runs the
+        # handler only once the main thread runs bytecode again. Seen: SIGTERM ignored for
+        # good after READY=1.
+        while not self._stop.wait(0.2):
+            if self._signalled is not None:
+                log.info("signal_received", signal=signal.Signals(self._signalled).name)
+                self._stop.set()
 
     def _scheduler(self, queue, pool: WorkerPool) -> None:
         watchdog_every = 10.0
@@ -311,7 +333,7 @@ class Node:
             thread.start()
         log.info("node_ready", ae_title=config.node.ae_title, host=config.node.host, port=self.port)
         sd_notify("READY=1")
-        self._stop.wait()
+        self._wait_for_stop()
 
         sd_notify("STOPPING=1")
         log.info("node_stopping")
@@ -338,6 +360,5 @@ class Node:
 
 def serve(config: Config) -> int:
     node = Node(config)
-    signal.signal(signal.SIGTERM, node.request_stop)
-    signal.signal(signal.SIGINT, node.request_stop)
+    node.handle_signals()
     return node.run()

@@ -98,7 +98,7 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise
+            raise AssertionError(f"dicom-node did not stop within {timeout} s of SIGTERM:\n{self.output()}") from None
 
     def kill(self) -> None:
         """SIGKILL: a crash at an arbitrary moment."""
