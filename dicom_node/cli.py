@@ -382,16 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_failure(error: NodeError) -> int:
+    """Print `error` as one line on stderr; return the exit status (2: configuration, 1: other)."""
+    if isinstance(error, ConfigError):
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
     except NodeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return report_failure(error)
     except KeyboardInterrupt:
         return 130
 

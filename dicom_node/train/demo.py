@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dicom_node.cli import report_failure
 from dicom_node.errors import ConfigError, NodeError
 from dicom_node.log import configure_logging, get_logger
 
@@ -125,12 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("info", "console")
     try:
         summary = build(Path(args.config), train_only=args.train_only, evaluate_only=args.evaluate_only)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
     except NodeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return report_failure(error)
     for name in HELDOUT:
         if name in summary:
             result = summary[name]
