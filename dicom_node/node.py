@@ -21,10 +21,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 from dicom_node.config import Config
-from dicom_node.errors import ConfigError, PermanentError, RetryableError
+from dicom_node.errors import ConfigError
 from dicom_node.log import get_logger
 from dicom_node.systemd import sd_notify
 
@@ -189,39 +188,6 @@ class WorkerPool:
                 process.join(5)
 
 
-def deliver_once(queue, config: Config, *, worker: str = "deliver") -> bool:
-    """Claim and send one pending delivery; return False when there was none."""
-    from dicom_node.deliver.scu import send_file
-
-    delivery = queue.claim_next_delivery(
-        worker=worker, lease_seconds=config.delivery.lease_seconds, max_attempts=config.delivery.max_attempts
-    )
-    if delivery is None:
-        return False
-    delivery_log = log.bind(
-        delivery_id=delivery.id, job_id=delivery.job_id, destination=delivery.destination,
-        sop_instance_uid=delivery.sop_instance_uid,
-    )
-    policy = config.delivery
-    try:
-        destination = config.destination(delivery.destination)
-        send_file(Path(delivery.path), destination, calling_ae_title=config.node.ae_title,
-                  tls=config.security.tls)
-    except (RetryableError, PermanentError, ConfigError) as error:
-        state = queue.fail_delivery(
-            delivery.id, worker=worker, error=str(error), retryable=isinstance(error, RetryableError),
-            backoff_seconds=policy.retry_backoff_seconds,
-            max_backoff_seconds=policy.max_backoff_seconds, max_attempts=policy.max_attempts,
-        )
-        (delivery_log.error if state == "failed" else delivery_log.warning)(
-            "delivery_failed" if state == "failed" else "delivery_retry", error=str(error), state=state
-        )
-        return True
-    queue.complete_delivery(delivery.id, worker=worker)
-    delivery_log.info("delivery_done")
-    return True
-
-
 class Node:
     """The running node; `run()` blocks until `request_stop()` (or a signal)."""
 
@@ -277,19 +243,12 @@ class Node:
                 sd_notify("WATCHDOG=1")
                 last_watchdog = time.monotonic()
 
-    def _deliverer(self, queue) -> None:
-        while not self._stop.is_set():
-            try:
-                if not deliver_once(queue, self.config):
-                    self._stop.wait(0.5)
-            except Exception as error:
-                log.error("delivery_loop_error", error=f"{type(error).__name__}: {error}")
-                self._stop.wait(1)
-
     def run(self) -> int:
-        from dicom_node.health import RunLock, start_health_server
+        from dicom_node.deliver.runner import run_deliveries
+        from dicom_node.ops.health import start_health_server
+        from dicom_node.ops.runlock import RunLock
         from dicom_node.queue.ops import Queue
-        from dicom_node.receive.scp import start_scp
+        from dicom_node.receive import start_scp
         from dicom_node.store import InstanceStore, reconcile
         from dicom_node.tls import check_tls
 
@@ -311,7 +270,7 @@ class Node:
                  architecture=config.detector.architecture, workers=config.workers.count)
         pool = WorkerPool(config)
         pool.start()
-        # pynetdicom spools each incoming dataset to a tempfile (see receive/scp.py). Under
+        # pynetdicom spools each incoming dataset to a tempfile (see receive/server.py). Under
         # data_dir/tmp, what a crash leaves there (partial datasets: patient data) is removed
         # by reconcile at the next start; in the system temp dir it would stay for good.
         tempfile.tempdir = str(store.tmp_dir)
@@ -327,7 +286,7 @@ class Node:
             raise
         threads = [
             threading.Thread(target=self._scheduler, args=(queue, pool), name="scheduler", daemon=True),
-            threading.Thread(target=self._deliverer, args=(queue,), name="deliver", daemon=True),
+            threading.Thread(target=run_deliveries, args=(queue, config, self._stop), name="deliver", daemon=True),
         ]
         for thread in threads:
             thread.start()

@@ -149,7 +149,7 @@ def run_node(files: list[Path], data_dir: Path) -> float:
     """Send to this node's SCP (real store and queue, fsync on); return the send time."""
     from dicom_node.config import parse_config
     from dicom_node.queue import Queue
-    from dicom_node.receive.scp import start_scp
+    from dicom_node.receive import start_scp
     from dicom_node.store import InstanceStore
 
     config = parse_config(

@@ -18,14 +18,8 @@ import pytest
 from dicom_node.cli import main
 from dicom_node.config import parse_config
 from dicom_node.errors import ConfigError
-from dicom_node.health import (
-    MAX_ERROR_CHARS,
-    HealthServer,
-    RunLock,
-    health_report,
-    running_node_pid,
-    start_health_server,
-)
+from dicom_node.ops.health import MAX_ERROR_CHARS, HealthServer, health_report, start_health_server
+from dicom_node.ops.runlock import RunLock, running_node_pid
 from dicom_node.queue import Queue
 from tests.queue.queue_helpers import T0, new_uid, record
 
@@ -191,7 +185,7 @@ def test_run_lock_tells_whether_a_node_runs(tmp_path):
 def test_run_lock_of_a_killed_process_is_released(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from dicom_node.health import RunLock; "
+         "import sys, time; from dicom_node.ops.runlock import RunLock; "
          f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

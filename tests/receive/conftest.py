@@ -11,7 +11,7 @@ import structlog
 
 from dicom_node.config import Config, parse_config
 from dicom_node.queue import Queue
-from dicom_node.receive.scp import start_scp
+from dicom_node.receive import start_scp
 from dicom_node.store import InstanceStore
 from tests.receive.helpers import NODE_AE, SYNTAXES, make_encoded
 

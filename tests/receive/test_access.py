@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import parse_config
-from dicom_node.receive.scp import (
+from dicom_node.receive.access import (
     AssociateDiagnostic,
     AssociateResult,
     AssociateSource,
@@ -88,7 +88,7 @@ def test_build_ae_offers_mammography_classes_in_every_syntax():
     from pynetdicom import _config
     from pynetdicom.sop_class import Verification
 
-    from dicom_node.receive.scp import MAX_PDU_BYTES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, build_ae
+    from dicom_node.receive.server import MAX_PDU_BYTES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, build_ae
 
     ae = build_ae(config())
     offered = {cx.abstract_syntax: set(cx.transfer_syntax) for cx in ae.supported_contexts}

@@ -25,13 +25,9 @@ from pydicom.uid import (
 from pynetdicom import _config
 from pynetdicom.sop_class import Verification
 
-from dicom_node.receive import scp
-from dicom_node.receive.scp import (
-    AssociateDiagnostic,
-    AssociateResult,
-    AssociateSource,
-    StoreStatus,
-)
+from dicom_node.receive import access
+from dicom_node.receive.access import AssociateDiagnostic, AssociateResult, AssociateSource
+from dicom_node.receive.handlers import StoreStatus
 from tests import synthetic
 from tests.dciodvfy import dciodvfy_lines
 from tests.receive.helpers import (
@@ -371,7 +367,7 @@ def test_access_check_error_rejects_instead_of_accepting(node, monkeypatch):
     def broken(*_args, **_kwargs):
         raise RuntimeError("access check broke")
 
-    monkeypatch.setattr(scp, "check_association_request", broken)
+    monkeypatch.setattr(access, "check_association_request", broken)
     with association(node.port, [(Verification, UNCOMPRESSED)]) as assoc:
         assert assoc.is_rejected
         assert reject_reason(assoc)[0] == AssociateResult.REJECTED_TRANSIENT

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.receive.scp import MEGABYTE
+from dicom_node.receive.handlers import MEGABYTE
 from tests import synthetic
 from tests.receive.helpers import storescu
 

@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.config import Config, parse_config
 from dicom_node.queue import Queue
-from dicom_node.receive.scp import start_scp
+from dicom_node.receive import start_scp
 from dicom_node.store import InstanceStore
 from tests import synthetic
 from tests.tls.pki import Pki, make_pki

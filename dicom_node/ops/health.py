@@ -1,40 +1,30 @@
-"""Is the node alive and well? The HTTP health endpoint, and the run lock `status` reads.
+"""Is the node alive and well? The HTTP health endpoint.
 
 - `health_report` turns queue statistics and liveness into (HTTP status, JSON body):
   200 ``"status": "ok"``, or 503 ``"status": "degraded"`` with the problems found.
 - `HealthServer` answers ``GET /health`` from a stdlib HTTP server thread in the main
   process (``[health] enabled = true``; off by default, loopback by default).
-- `RunLock` is ``data_dir/dicom-node.lock``: `serve` holds an flock on it while it runs,
-  so `dicom-node status` can tell whether a node is running on that data_dir (and a
-  second node on the same data_dir refuses to start).
 
 The body carries counts, ages, UIDs and our own error messages, never patient data.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
-import os
 import threading
-import time
 from collections.abc import Callable
 from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 from dicom_node.config import Config
 from dicom_node.errors import ConfigError
 from dicom_node.log import get_logger
 
-log = get_logger("dicom_node.health")
+log = get_logger("dicom_node.ops.health")
 
 HEALTH_PATH = "/health"
-LOCK_NAME = "dicom-node.lock"
 MAX_ERROR_CHARS = 300  # per last error in the report
-LOCK_WAIT_SECONDS = 2.0  # `status` holds the lock for microseconds; do not mistake it for a node
 REQUEST_TIMEOUT_SECONDS = 10  # a client that stops talking cannot hold a thread for long
 
 
@@ -190,72 +180,3 @@ def start_health_server(config: Config, *, queue, scp, pool) -> HealthServer | N
         ) from None
     log.info("health_listening", host=server.server_address[0], port=server.port, path=HEALTH_PATH)
     return server.start()
-
-
-# --------------------------------------------------------------------------- run lock
-
-
-class RunLock:
-    """``data_dir/dicom-node.lock``: held (flock) by the running node, holding its pid.
-
-    The kernel drops the lock when the process ends, even on SIGKILL, so a stale
-    file never claims a dead node is running.
-    """
-
-    def __init__(self, data_dir: Path):
-        self.path = Path(data_dir) / LOCK_NAME
-        self._fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        """Take the lock; ConfigError when another node runs on this data_dir."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    continue
-                pid = _read_pid(fd)
-                os.close(fd)
-                raise ConfigError(
-                    f"node.data_dir: another dicom-node (pid {pid or '?'}) is running on {self.path.parent}"
-                ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
-
-
-def running_node_pid(data_dir: Path) -> int | None:
-    """The pid of the node running on `data_dir` (0 if unknown), or None when none runs."""
-    path = Path(data_dir) / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            return _read_pid(fd) or 0
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
