@@ -46,9 +46,11 @@ def cmd_check_config(args) -> int:
     from dicom_node.analyse.detector import load_detector
 
     load_detector(config.detector, device="cpu")
+    from dicom_node.receive.access import check_access_config
     from dicom_node.tls import check_tls
 
     check_tls(config)
+    check_access_config(config)
     print(f"{args.config}: OK (architecture {config.detector.architecture}, "
           f"{len(config.destinations)} destination(s), data_dir {config.node.data_dir})")
     return 0

@@ -116,7 +116,10 @@ class TLSConfig(_Section):
 
 
 class SecurityConfig(_Section):
-    allowed_callers: list[CallerConfig] = Field(default_factory=list)  # empty: anyone
+    # Who may send. An empty list admits anyone only with allow_any_caller = true, so an
+    # open node is always a choice someone wrote down (checked when the SCP starts).
+    allowed_callers: list[CallerConfig] = Field(default_factory=list)
+    allow_any_caller: bool = False
     require_called_ae_title: bool = True
     max_associations_per_caller: Annotated[int, Field(ge=1)] = 8
     tls: TLSConfig = Field(default_factory=TLSConfig)

@@ -249,6 +249,7 @@ class Node:
         from dicom_node.ops.runlock import RunLock
         from dicom_node.queue.ops import Queue
         from dicom_node.receive import start_scp
+        from dicom_node.receive.access import check_access_config
         from dicom_node.store import InstanceStore, reconcile
         from dicom_node.tls import check_tls
 
@@ -256,6 +257,7 @@ class Node:
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
         run_lock = RunLock(config.node.data_dir).acquire()  # one node per data_dir; read by `status`
         check_tls(config)  # a missing or bad TLS file stops the node before any worker starts
+        check_access_config(config)
         store = InstanceStore(config.node.data_dir, fsync=config.node.fsync)
         queue = Queue(config.database_url)
         queue.migrate()

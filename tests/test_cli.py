@@ -35,7 +35,7 @@ def test_missing_checkpoint_is_a_config_error_naming_file_and_architecture(tmp_p
 def test_serve_refuses_to_start_without_its_checkpoint(tmp_path):
     config = tmp_path / "node.toml"
     config.write_text(
-        "[node]\nport = 0\ndata_dir = 'data'\n"
+        "[node]\nport = 0\ndata_dir = 'data'\n[security]\nallow_any_caller = true\n"
         "[detector]\narchitecture = 'retinanet_r50_fpn'\nweights = 'missing.pt'\n"
     )
     result = run_cli("serve", "--config", str(config))
@@ -56,6 +56,7 @@ def test_serve_on_a_port_in_use_is_a_config_error_and_exits(tmp_path):
         config = tmp_path / "node.toml"
         config.write_text(
             f"[node]\nhost = '127.0.0.1'\nport = {port}\ndata_dir = 'data'\n"
+            "[security]\nallow_any_caller = true\n"
             f"[detector]\narchitecture = 'fixed_boxes'\nweights = '{boxes}'\n"
         )
         result = run_cli("serve", "--config", str(config))

@@ -160,7 +160,8 @@ def run_node(files: list[Path], data_dir: Path) -> float:
                 "port": 0,
                 "data_dir": str(data_dir),
                 "fsync": True,
-            }
+            },
+            "security": {"allow_any_caller": True},
         },
         base_dir=data_dir,
     )

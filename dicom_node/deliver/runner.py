@@ -6,8 +6,8 @@ import threading
 from pathlib import Path
 
 from dicom_node.config import Config
-from dicom_node.errors import ConfigError, PermanentError, RetryableError
 from dicom_node.deliver.scu import send_file
+from dicom_node.errors import ConfigError, PermanentError, RetryableError
 from dicom_node.log import get_logger
 
 log = get_logger("dicom_node.deliver")

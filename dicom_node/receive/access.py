@@ -16,6 +16,7 @@ import structlog
 from pynetdicom import evt
 
 from dicom_node.config import CallerConfig, Config
+from dicom_node.errors import ConfigError
 from dicom_node.log import get_logger
 
 log = get_logger("dicom_node.receive")
@@ -56,6 +57,33 @@ class Rejection:
     diagnostic: AssociateDiagnostic
 
 
+def check_access_config(config: Config, *, warn: bool = True) -> None:
+    """Refuse to serve without a stated access policy; warn about the open ones.
+
+    Raises ConfigError naming the key when security.allowed_callers is empty and
+    security.allow_any_caller is not set (or both are set, which contradicts itself).
+    """
+    security = config.security
+    if security.allowed_callers and security.allow_any_caller:
+        raise ConfigError(
+            "security.allow_any_caller: true, but security.allowed_callers lists callers; "
+            "remove one of the two"
+        )
+    if not security.allowed_callers and not security.allow_any_caller:
+        raise ConfigError(
+            "security.allowed_callers: empty, so nobody may send; list the callers "
+            "([{ ae_title = \"PACS\", host = \"10.0.0.2\" }]) or set security.allow_any_caller = true"
+        )
+    if not warn:
+        return
+    if security.allow_any_caller:
+        log.warning("any_caller_allowed", hint="set security.allowed_callers for production")
+    for caller in security.allowed_callers:
+        if caller.host is None:
+            log.warning("allowed_caller_without_host", allowed_ae=caller.ae_title,
+                        hint="an AE title alone is easy to forge; name its host")
+
+
 def _caller_host_matches(allowed: str, peer: str) -> bool:
     """``allowed`` is an IP address, a network (CIDR) or a host name."""
     try:
@@ -75,13 +103,13 @@ def _caller_host_matches(allowed: str, peer: str) -> bool:
     return any(ipaddress.ip_address(info[4][0]) == peer_ip for info in infos)
 
 
-def _caller_allowed(callers: list[CallerConfig], *, calling_ae: str, peer: str) -> bool:
-    if not callers:
+def _caller_allowed(config: Config, *, calling_ae: str, peer: str) -> bool:
+    if config.security.allow_any_caller:
         return True
     return any(
         caller.ae_title == calling_ae
         and (caller.host is None or _caller_host_matches(caller.host, peer))
-        for caller in callers
+        for caller in config.security.allowed_callers
     )
 
 
@@ -107,7 +135,7 @@ def check_association_request(
             AssociateSource.SERVICE_USER,
             AssociateDiagnostic.CALLED_AE_TITLE_NOT_RECOGNIZED,
         )
-    if not _caller_allowed(security.allowed_callers, calling_ae=calling_ae, peer=peer):
+    if not _caller_allowed(config, calling_ae=calling_ae, peer=peer):
         return Rejection(
             f"calling AE title {calling_ae!r} from {peer} is not in security.allowed_callers",
             AssociateResult.REJECTED_PERMANENT,

@@ -27,12 +27,13 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.status import Status
 
 from dicom_node.log import get_logger
+from dicom_node.receive.activity import ReceiveActivity
 from dicom_node.receive.structure import MalformedDataset, scan_dataset
 from dicom_node.store import InstanceStore, validate_uid
 
@@ -264,8 +265,21 @@ def check_free_space(store: InstanceStore, *, incoming_bytes: int, min_free_byte
         )
 
 
-def handle_store(event: evt.Event, queue, store: InstanceStore, min_free_bytes: int = 0) -> Dataset:
+def handle_store(
+    event: evt.Event, queue, store: InstanceStore, min_free_bytes: int = 0,
+    activity: ReceiveActivity | None = None,
+) -> Dataset:
     """EVT_C_STORE: store and record the instance, or say why not. Never raises."""
+    response = _store(event, queue, store, min_free_bytes)
+    if activity is not None:
+        if response.Status == StoreStatus.SUCCESS:
+            activity.record_stored()
+        else:
+            activity.record_refused(response.Status, response.get("ErrorComment", ""))
+    return response
+
+
+def _store(event: evt.Event, queue, store: InstanceStore, min_free_bytes: int) -> Dataset:
     request = event.request
     try:
         calling_ae = event.assoc.requestor.ae_title

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pydicom.config
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -37,8 +37,19 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from dicom_node.config import Config
 from dicom_node.errors import ConfigError
 from dicom_node.log import get_logger
-from dicom_node.receive.access import calling_ae_of, handle_requested
-from dicom_node.receive.handlers import MEGABYTE, handle_store, log_aborted, log_established, log_released
+from dicom_node.receive.access import (
+    calling_ae_of,
+    check_access_config,
+    handle_requested,
+)
+from dicom_node.receive.activity import ReceiveActivity
+from dicom_node.receive.handlers import (
+    MEGABYTE,
+    handle_store,
+    log_aborted,
+    log_established,
+    log_released,
+)
 from dicom_node.store import InstanceStore
 from dicom_node.tls import scp_context, server_handshake
 
@@ -216,15 +227,18 @@ def start_scp(config: Config, *, queue, store: InstanceStore) -> StoreServer:
     """Start listening on node.host:node.port in background threads; return the server.
 
     The caller stops it with ``server.shutdown()``. With node.port = 0 the bound
-    port is ``server.server_address[1]``.
+    port is ``server.server_address[1]``. ``server.activity`` (a ReceiveActivity) counts
+    what was stored and refused.
     """
+    check_access_config(config, warn=False)  # serve checked (and warned) before its workers started
     ae = build_ae(config)
+    activity = ReceiveActivity()
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [config]),
         (evt.EVT_ESTABLISHED, log_established),
         (evt.EVT_RELEASED, log_released),
         (evt.EVT_ABORTED, log_aborted),
-        (evt.EVT_C_STORE, handle_store, [queue, store, config.node.min_free_megabytes * MEGABYTE]),
+        (evt.EVT_C_STORE, handle_store, [queue, store, config.node.min_free_megabytes * MEGABYTE, activity]),
     ]
     # ae.start_server(block=False) without its fixed server class: same steps.
     try:
@@ -241,6 +255,7 @@ def start_scp(config: Config, *, queue, store: InstanceStore) -> StoreServer:
         target=server.serve_forever, name=f"StoreServer@{config.node.port}", daemon=True
     ).start()
     ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
+    server.activity = activity  # read by health and status
     host, port = server.server_address[:2]
     log.info("scp_listening", ae_title=config.node.ae_title, host=host, port=port,
              tls=config.security.tls.enabled)

@@ -31,8 +31,23 @@ def toml_value(value) -> str:
     return json.dumps(str(value))
 
 
+def open_to_any_caller(sections: dict) -> dict:
+    """``sections`` with ``security.allow_any_caller = true`` unless it names allowed callers.
+
+    Test nodes accept any caller unless the test is about who may send.
+    """
+    security = dict(sections.get("security", {}))
+    if not security.get("allowed_callers"):
+        security.setdefault("allow_any_caller", True)
+    return {**sections, "security": security}
+
+
 def write_config(path: Path, sections: dict, destinations: list[dict] = ()) -> Path:
-    """Write a node config TOML from {section: {key: value}} and a destinations list."""
+    """Write a node config TOML from {section: {key: value}} and a destinations list.
+
+    The node accepts any caller unless ``sections["security"]`` lists allowed callers.
+    """
+    sections = open_to_any_caller(sections)
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")

@@ -13,6 +13,7 @@ from dicom_node.config import Config, parse_config
 from dicom_node.queue import Queue
 from dicom_node.receive import start_scp
 from dicom_node.store import InstanceStore
+from tests.integration.node_process import open_to_any_caller
 from tests.receive.helpers import NODE_AE, SYNTAXES, make_encoded
 
 
@@ -56,7 +57,7 @@ def make_node(tmp_path):
                 "data_dir": str(tmp_path / f"data{len(running)}"),
             }
         }
-        config = parse_config(_merge(data, overrides), base_dir=tmp_path)
+        config = parse_config(open_to_any_caller(_merge(data, overrides)), base_dir=tmp_path)
         store = InstanceStore(config.node.data_dir, fsync=config.node.fsync)
         queue = Queue(config.database_url)
         queue.migrate()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from dicom_node.config import parse_config
+from dicom_node.errors import ConfigError
+from tests.integration.node_process import open_to_any_caller
 from dicom_node.receive.access import (
     AssociateDiagnostic,
     AssociateResult,
@@ -15,9 +18,10 @@ from dicom_node.receive.access import (
 )
 
 
-def config(**sections):
+def config(*, open_by_default: bool = True, **sections):
     base = {"node": {"ae_title": "NODE", "max_associations": 4}}
-    return parse_config(base | sections, base_dir=Path("."))
+    data = base | sections
+    return parse_config(open_to_any_caller(data) if open_by_default else data, base_dir=Path("."))
 
 
 def check(cfg, *, calling="PACS", called="NODE", peer="10.0.0.5", total=1, from_caller=1):
@@ -31,8 +35,38 @@ def check(cfg, *, calling="PACS", called="NODE", peer="10.0.0.5", total=1, from_
     )
 
 
-def test_anyone_may_associate_when_no_callers_are_listed():
-    assert check(config(), calling="ANYONE") is None
+def test_anyone_may_associate_only_when_allow_any_caller_is_set():
+    assert check(config(security={"allow_any_caller": True}), calling="ANYONE") is None
+    rejection = check(config(open_by_default=False), calling="ANYONE")
+    assert rejection.diagnostic == AssociateDiagnostic.CALLING_AE_TITLE_NOT_RECOGNIZED
+
+
+@pytest.mark.parametrize(
+    "security, message",
+    [
+        ({}, "security.allowed_callers: empty, so nobody may send"),
+        ({"allow_any_caller": True, "allowed_callers": [{"ae_title": "PACS"}]},
+         "security.allow_any_caller: true, but security.allowed_callers lists callers"),
+    ],
+)
+def test_the_scp_will_not_start_without_a_stated_access_policy(security, message, tmp_path):
+    from dicom_node.receive import start_scp
+
+    cfg = config(open_by_default=False, security=security,
+                 node={"ae_title": "NODE", "port": 0, "data_dir": str(tmp_path)})
+    with pytest.raises(ConfigError) as error:
+        start_scp(cfg, queue=None, store=None)
+    assert str(error.value).startswith(message)
+
+
+def test_open_access_and_callers_without_a_host_are_logged_as_warnings(log_output):
+    from dicom_node.receive.access import check_access_config
+
+    check_access_config(config(security={"allow_any_caller": True}))
+    check_access_config(config(security={"allowed_callers": [{"ae_title": "PACS"}, {"ae_title": "MG", "host": "10.0.0.0/24"}]}))
+    events = [json.loads(line) for line in log_output().splitlines()]
+    assert [e["event"] for e in events] == ["any_caller_allowed", "allowed_caller_without_host"]
+    assert events[1]["allowed_ae"] == "PACS"
 
 
 def test_wrong_called_ae_title():

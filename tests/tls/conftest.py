@@ -74,7 +74,7 @@ def tls_node(tmp_path, pki):
                 "data_dir": str(tmp_path / f"node{len(running)}"),
                 "network_timeout_seconds": 10,
             },
-            "security": {"tls": tls_section(pki, **tls_overrides)},
+            "security": {"allow_any_caller": True, "tls": tls_section(pki, **tls_overrides)},
         }  # fmt: skip
         config = parse_config(data, base_dir=tmp_path)
         store = InstanceStore(config.node.data_dir, fsync=False)
