@@ -70,7 +70,18 @@ class NodeConfig(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 11112  # 0: pick a free port (tests)
     data_dir: Path = Path("var")
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    # Open TCP connections, associated or not. When all are taken, a new connection
+    # replaces the oldest one that has not sent its A-ASSOCIATE-RQ yet, so silent peers
+    # cannot lock out the PACS; with none such, it is closed.
+    max_connections: Annotated[int, Field(ge=1, le=10000)] = 64
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # An association is aborted after this long, whatever it does (a peer dripping one
+    # small PDU now and then would otherwise hold its slot for good).
+    max_association_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    # The largest data set accepted, as received and as inflated (Deflated transfer
+    # syntax); also the largest image (Rows x Columns x frames x bits) a worker decodes.
+    # Breast tomosynthesis volumes reach 1-2 GB uncompressed.
+    max_dataset_megabytes: Annotated[int, Field(ge=1, le=65536)] = 4096
     # Only for benchmarks and throwaway test nodes: skipping fsync breaks the
     # promise that an acknowledged instance survives a power loss.
     fsync: bool = True
@@ -122,6 +133,8 @@ class SecurityConfig(_Section):
     allow_any_caller: bool = False
     require_called_ae_title: bool = True
     max_associations_per_caller: Annotated[int, Field(ge=1)] = 8
+    # Open TCP connections from one IP address, before anything is known of the peer.
+    max_connections_per_address: Annotated[int, Field(ge=1)] = 8
     tls: TLSConfig = Field(default_factory=TLSConfig)
 
 

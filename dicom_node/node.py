@@ -16,7 +16,6 @@ from __future__ import annotations
 import multiprocessing
 import queue as stdlib_queue
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -272,10 +271,6 @@ class Node:
                  architecture=config.detector.architecture, workers=config.workers.count)
         pool = WorkerPool(config)
         pool.start()
-        # pynetdicom spools each incoming dataset to a tempfile (see receive/server.py). Under
-        # data_dir/tmp, what a crash leaves there (partial datasets: patient data) is removed
-        # by reconcile at the next start; in the system temp dir it would stay for good.
-        tempfile.tempdir = str(store.tmp_dir)
         try:
             self.server = start_scp(config, queue=queue, store=store)
             health = start_health_server(config, queue=queue, scp=self.server, pool=pool)  # None: off

@@ -135,15 +135,30 @@ def central_frame(ds: Dataset) -> int:
     return frames // 2
 
 
-def display_pixels(ds: Dataset, *, frame: int | None = None) -> np.ndarray:
+def declared_pixel_bytes(ds: Dataset) -> int:
+    """What decoding all of `ds`'s pixel data would take, by its own attributes (PS3.5 8.1.1)."""
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * samples * frames * bits // 8
+
+
+def display_pixels(ds: Dataset, *, frame: int | None = None, max_bytes: int | None = None) -> np.ndarray:
     """Decode `ds` and apply Modality LUT, VOI LUT and MONOCHROME1 inversion.
 
     Returns float32 HxW in [0, 1] at the original size, dense tissue bright.
     `frame` (0-based) selects one frame of a multi-frame image. Errors name the SOP
     Instance UID: UnsupportedImage for images this pipeline does not handle (colour,
-    multi-frame without a frame), PermanentError for pixel data that cannot be decoded.
+    multi-frame without a frame, larger than `max_bytes` decoded), PermanentError for
+    pixel data that cannot be decoded.
     """
     uid = str(ds.get("SOPInstanceUID", "(no SOP Instance UID)"))
+    if max_bytes is not None and (declared := declared_pixel_bytes(ds)) > max_bytes:
+        # Checked before decoding: a few kB of JPEG 2000 may declare 65535 x 65535 pixels.
+        raise UnsupportedImage(
+            f"{uid}: the image declares {declared // 2**20} MB of pixels, more than "
+            f"node.max_dataset_megabytes ({max_bytes // 2**20} MB)"
+        )
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or int(ds.get("SamplesPerPixel", 1)) != 1:
         raise UnsupportedImage(
@@ -202,9 +217,11 @@ def resize_longest_side(image: np.ndarray, size: int) -> PreparedImage:
     )
 
 
-def prepare(ds: Dataset, *, input_size: int, frame: int | None = None) -> PreparedImage:
+def prepare(
+    ds: Dataset, *, input_size: int, frame: int | None = None, max_bytes: int | None = None
+) -> PreparedImage:
     """Display pixels of `ds` resized so that the longest side is `input_size`."""
-    return resize_longest_side(display_pixels(ds, frame=frame), input_size)
+    return resize_longest_side(display_pixels(ds, frame=frame, max_bytes=max_bytes), input_size)
 
 
 def _lut_attributes(ds: Dataset, frame: int | None) -> Dataset:

@@ -64,6 +64,9 @@ class InstanceStore:
         # Two associations may deliver the same SOP Instance at once; the check for
         # an existing file and the rename must not interleave (first one wins).
         self._rename_lock = threading.Lock()
+        # Bytes about to be written by associations of this process (see `reserve`).
+        self._reserved = 0
+        self._reserved_lock = threading.Lock()
         for folder in (self.instances_dir, self.results_dir, self.tmp_dir):
             self._make_dirs(folder)
 
@@ -158,6 +161,30 @@ class InstanceStore:
         """
         stats = os.statvfs(self.data_dir)
         return stats.f_bavail * stats.f_frsize
+
+    def unreserved_free_bytes(self) -> int:
+        """Free bytes minus what associations of this process have reserved to write."""
+        with self._reserved_lock:
+            return self.free_bytes() - self._reserved
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int, *, keep_free: int) -> Iterator[bool]:
+        """Reserve `nbytes` to write while the block runs; yields False if they do not fit.
+
+        They fit when writing them leaves at least `keep_free` bytes free, counting the
+        reservations of concurrent writers: sixteen associations each checking free space
+        alone and then each writing a large file could together fill the disk.
+        """
+        with self._reserved_lock:
+            fits = self.free_bytes() - self._reserved - nbytes >= keep_free
+            if fits:
+                self._reserved += nbytes
+        try:
+            yield fits
+        finally:
+            if fits:
+                with self._reserved_lock:
+                    self._reserved -= nbytes
 
     def instance_files(self) -> Iterator[Path]:
         """Every file at instance depth (instances/<study>/<series>/<file>), in no order."""

@@ -1,5 +1,8 @@
 """Session-wide test settings shared by every test folder."""
 
+import shutil
+import subprocess
+
 import highdicom
 import pytest
 
@@ -31,3 +34,29 @@ def _restore_logging_config():
     structlog.configure(**saved)
     root.handlers[:], level = saved_root
     root.setLevel(level)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(megabytes)``: a real small filesystem (a tmpfs mounted under tmp_path), to
+    fill for real; unmounted afterwards. Skips where mounting is not permitted (not root)."""
+    mounted = []
+
+    def mount(megabytes: int):
+        mount_point = tmp_path / f"tmpfs{len(mounted)}"
+        mount_point.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command")
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(mount_point)],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in mounted:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)

@@ -104,7 +104,8 @@ def analyse_study(paths: Sequence[str], detector, config: Config, *, job_log=log
         analysis.images.append(ds)
         try:
             frame = _frame_to_analyse(ds, config)
-            prepared = prepare(ds, input_size=detector.input_size, frame=frame)
+            prepared = prepare(ds, input_size=detector.input_size, frame=frame,
+                               max_bytes=config.node.max_dataset_megabytes * 2**20)
         except UnsupportedImage as reason:
             analysis.skipped[uid] = str(reason)
             job_log.info("image_skipped", sop_instance_uid=uid, reason=str(reason))

@@ -9,13 +9,15 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from enum import IntEnum
 
 import structlog
 from pynetdicom import evt
 
-from dicom_node.config import CallerConfig, Config
+from dicom_node.config import Config
 from dicom_node.errors import ConfigError
 from dicom_node.log import get_logger
 
@@ -165,7 +167,7 @@ def calling_ae_of(association) -> str | None:
     return primitive.calling_ae_title if primitive is not None else None
 
 
-def handle_requested(event: evt.Event, config: Config) -> None:
+def handle_requested(event: evt.Event, config: Config, connections: ConnectionTable) -> None:
     """EVT_REQUESTED: access control, before any presentation context is negotiated."""
     association = event.assoc
     request = association.requestor.primitive
@@ -176,14 +178,17 @@ def handle_requested(event: evt.Event, config: Config) -> None:
         assoc_id=f"a{next(_association_ids)}", calling_ae=calling_ae, peer=peer
     )
     try:
-        acceptors = [a for a in association.ae.active_associations if a.is_acceptor]
-        rejection = check_association_request(
-            config,
+        rejection = connections.request(
+            association,
             calling_ae=calling_ae,
-            called_ae=request.called_ae_title,
-            peer=peer,
-            active_total=len(acceptors),
-            active_from_caller=sum(1 for a in acceptors if calling_ae_of(a) == calling_ae),
+            decide=lambda active_total, active_from_caller: check_association_request(
+                config,
+                calling_ae=calling_ae,
+                called_ae=request.called_ae_title,
+                peer=peer,
+                active_total=active_total,
+                active_from_caller=active_from_caller,
+            ),
         )
     except Exception as error:  # fail closed: pynetdicom would accept after a handler error
         rejection = Rejection(
@@ -201,3 +206,149 @@ def handle_requested(event: evt.Event, config: Config) -> None:
     # As pynetdicom does after its own rejections: wait until the A-ASSOCIATE-RJ
     # is out and the peer has closed the connection, then end the association.
     association.kill()
+
+
+# --------------------------------------------------------------------------- connections
+
+
+@dataclass(eq=False)
+class Connection:
+    """One accepted TCP connection; `calling_ae` is set once its association was accepted."""
+
+    sock: socket.socket
+    peer: str
+    accepted_at: float  # time.monotonic()
+    association: object | None = None  # the pynetdicom Association serving it
+    calling_ae: str | None = None
+    closed: bool = False  # closed by us (evicted, or over a limit); its thread is ending
+
+
+ABORT_GRACE_SECONDS = 2.0
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class ConnectionTable:
+    """Open connections, counted before anything is known of the peer (PS3.8 9.1.1 only
+    starts with a TCP connection).
+
+    - At most security.max_connections_per_address from one IP address;
+    - at most node.max_connections in all: at the limit, a new connection replaces the
+      oldest one that has not had its association accepted (a silent or slow peer), so
+      that silent connections can never lock the configured PACS out; when every
+      connection is associated, the new one is closed;
+    - node.max_associations and security.max_associations_per_caller count only
+      connections whose A-ASSOCIATE-RQ was accepted (see `request`).
+
+    Closing is shutting the socket down: the connection's thread sees the end of the
+    stream and ends the association. Every close is logged with the peer, at most once per
+    peer and reason every LOG_EVERY_SECONDS, with the count of those not logged.
+    """
+
+    LOG_EVERY_SECONDS = 10.0
+
+    def __init__(self, *, max_connections: int, max_per_address: int):
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self._lock = threading.Lock()
+        self._open: dict[int, Connection] = {}  # id(socket) -> connection
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def admit(self, sock: socket.socket, peer: str) -> Connection | None:
+        """Register a new connection, or close-and-log it and return None."""
+        with self._lock:
+            live = [c for c in self._open.values() if not c.closed]
+            if sum(1 for c in live if c.peer == peer) >= self.max_per_address:
+                refusal = f"security.max_connections_per_address ({self.max_per_address}) reached"
+            elif len(live) >= self.max_connections:
+                waiting = [c for c in live if c.calling_ae is None]
+                if not waiting:
+                    refusal = f"node.max_connections ({self.max_connections}) reached, all associated"
+                else:
+                    oldest = min(waiting, key=lambda c: c.accepted_at)
+                    self._close(oldest, "connection_evicted", reason="node.max_connections reached: "
+                                "the oldest connection without an association makes room")
+                    refusal = None
+            else:
+                refusal = None
+            if refusal is not None:
+                self._log("connection_refused", peer, reason=refusal)
+                return None
+            connection = Connection(sock, peer, time.monotonic())
+            self._open[id(sock)] = connection
+            return connection
+
+    def attach(self, sock: socket.socket, association) -> None:
+        with self._lock:
+            connection = self._open.get(id(sock))
+            if connection is not None:
+                connection.association = association
+
+    def remove(self, sock: socket.socket, *, request_timeout: float | None = None) -> None:
+        """Forget a connection that ended. With `request_timeout`, the connection never sent
+        an A-ASSOCIATE-RQ: if it lasted that long, pynetdicom closed it for the silence
+        (PS3.8 9.1.4, ARTIM), which is logged like our other closes."""
+        with self._lock:
+            connection = self._open.pop(id(sock), None)
+            if connection is None or connection.closed or request_timeout is None:
+                return
+            lasted = time.monotonic() - connection.accepted_at
+            if lasted >= 0.9 * request_timeout:
+                self._log("association_request_timeout", connection.peer,
+                          reason=f"no A-ASSOCIATE-RQ within node.network_timeout_seconds ({request_timeout:g})",
+                          open_seconds=round(lasted, 1))
+
+    def request(self, association, *, calling_ae: str, decide) -> Rejection | None:
+        """Count the accepted associations (all, and from `calling_ae`) plus this one, and
+        ask `decide(active_total, active_from_caller)`; record the association if accepted.
+        Atomic, so two requests at once cannot both take the last slot."""
+        with self._lock:
+            associated = [c for c in self._open.values() if c.calling_ae is not None and not c.closed]
+            rejection = decide(len(associated) + 1, sum(1 for c in associated if c.calling_ae == calling_ae) + 1)
+            if rejection is None:
+                for connection in self._open.values():
+                    if connection.association is association:
+                        connection.calling_ae = calling_ae
+            return rejection
+
+    def expire(self, *, max_age_seconds: float) -> None:
+        """Close the connections open longer than `max_age_seconds` (node.max_association_seconds)."""
+        now = time.monotonic()
+        with self._lock:
+            for connection in list(self._open.values()):
+                if not connection.closed and now - connection.accepted_at > max_age_seconds:
+                    self._close(connection, "association_time_limit",
+                                reason=f"open longer than node.max_association_seconds ({max_age_seconds:g})")
+
+    def open_count(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._open.values() if not c.closed)
+
+    def _close(self, connection: Connection, event: str, *, reason: str) -> None:
+        connection.closed = True
+        association = connection.association
+        if association is not None and getattr(association, "is_established", False):
+            # PS3.8 9.3.8: tell the peer (A-ABORT, source: service provider); its DUL thread
+            # sends it. The connection is shut down shortly after in any case.
+            association.acse.send_abort(0x02)
+            threading.Timer(ABORT_GRACE_SECONDS, _shutdown, args=(connection.sock,)).start()
+        else:
+            _shutdown(connection.sock)
+        self._log(event, connection.peer, reason=reason, calling_ae=connection.calling_ae,
+                  open_seconds=round(time.monotonic() - connection.accepted_at, 1))
+
+    def _log(self, event: str, peer: str, **fields) -> None:
+        now = time.monotonic()
+        last, suppressed = self._logged.get((event, peer), (float("-inf"), 0))
+        if now - last < self.LOG_EVERY_SECONDS:
+            self._logged[(event, peer)] = (last, suppressed + 1)
+            return
+        self._logged[(event, peer)] = (now, 0)
+        if len(self._logged) > 10_000:  # many peers: forget the old entries
+            self._logged = {k: v for k, v in self._logged.items() if now - v[0] < self.LOG_EVERY_SECONDS}
+        log.warning(event, peer=peer, not_logged_since_last=suppressed, **fields)

@@ -27,14 +27,26 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.status import Status
 
 from dicom_node.log import get_logger
 from dicom_node.receive.activity import ReceiveActivity
-from dicom_node.receive.structure import MalformedDataset, scan_dataset
+from dicom_node.receive.limits import StorageLimits, spool_refusal
+from dicom_node.receive.structure import (
+    IMAGE_PIXEL_TAGS,
+    MalformedDataset,
+    ScannedDataset,
+    check_pixel_data,
+    scan_dataset,
+)
 from dicom_node.store import InstanceStore, validate_uid
 
 log = get_logger("dicom_node.receive")
@@ -52,8 +64,10 @@ IDENTITY_UIDS = {
     0x0020000E: "Series Instance UID",
 }
 MODALITY_TAG = 0x00080060
-# A deflated data set is inflated in memory to be checked; beyond this it is refused.
-MAX_INFLATED_BYTES = 512 * MEGABYTE
+WANTED_TAGS = frozenset({*IDENTITY_UIDS, MODALITY_TAG, *IMAGE_PIXEL_TAGS})
+# More refused SOP classes than this is a sender proposing all it knows, not what it has.
+MAX_SOP_CLASSES_NAMED = 8
+INFLATE_CHUNK = MEGABYTE  # a deflated data set is inflated to disk this much at a time
 
 
 class StoreStatus(IntEnum):
@@ -91,7 +105,26 @@ class InstanceRefused(Exception):
 
 
 def log_established(event: evt.Event) -> None:
-    log.info("association_accepted", contexts=len(event.assoc.accepted_contexts))
+    association = event.assoc
+    log.info("association_accepted", contexts=len(association.accepted_contexts))
+    refused = sorted({str(cx.abstract_syntax) for cx in association.rejected_contexts})
+    if not refused:
+        return
+    if len(refused) <= MAX_SOP_CLASSES_NAMED:
+        # A PACS administrator routing CT (or anything not mammography) here sees why
+        # nothing arrives: the sender is told "no presentation context" and we say which.
+        log.warning(
+            "sop_classes_refused", sop_class_uids=refused,
+            sop_classes=[_sop_class_name(uid) for uid in refused],
+            accepted=len(association.accepted_contexts),
+        )
+    else:  # a blanket proposal (dcmtk storescu offers every storage class it knows)
+        log.info("sop_classes_refused", count=len(refused), accepted=len(association.accepted_contexts))
+
+
+def _sop_class_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name != uid else "(unknown SOP class)"
 
 
 def log_released(event: evt.Event) -> None:
@@ -110,57 +143,85 @@ def safe_uid(value) -> str:
         return "(not a valid UID)"
 
 
-def _inflate(data: bytes) -> bytes:
-    """Inflate a Deflated Explicit VR Little Endian data set (PS3.5 A.5), bounded in size."""
+def _inflate(spool: Path, offset: int, target: Path, *, limits: StorageLimits, store: InstanceStore) -> None:
+    """Inflate a Deflated Explicit VR Little Endian data set (PS3.5 A.5) into `target`.
+
+    Streamed a megabyte at a time, so memory stays flat whatever the ratio (a 0.5 MB
+    stream of zeros inflates to 500 MB); bounded like a received data set: by
+    node.max_dataset_megabytes and by the free space under data_dir.
+    """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    written = 0
     try:
-        inflated = inflater.decompress(data, MAX_INFLATED_BYTES + 1)
+        with open(spool, "rb") as source, open(target, "wb") as out:
+            source.seek(offset)
+            pending = b""
+            while True:
+                if not pending:
+                    pending = source.read(INFLATE_CHUNK)
+                    if not pending:
+                        break
+                data = inflater.decompress(pending, INFLATE_CHUNK)
+                pending = inflater.unconsumed_tail
+                written += len(data)
+                if written > limits.max_dataset_bytes:
+                    raise InstanceRefused(
+                        StoreStatus.OUT_OF_RESOURCES,
+                        f"deflated data set inflates to more than node.max_dataset_megabytes "
+                        f"({limits.max_dataset_bytes // MEGABYTE} MB)",
+                    )
+                check_free_space(store, incoming_bytes=len(data), min_free_bytes=limits.keep_free_bytes)
+                out.write(data)
+                if inflater.eof:
+                    break
     except zlib.error:
         raise InstanceRefused(
             StoreStatus.CANNOT_UNDERSTAND, "dataset cannot be parsed (broken deflate stream)"
         ) from None
-    if len(inflated) > MAX_INFLATED_BYTES:
-        raise InstanceRefused(
-            StoreStatus.OUT_OF_RESOURCES,
-            f"deflated dataset inflates to more than {MAX_INFLATED_BYTES // MEGABYTE} MB",
-        )
     if not inflater.eof:
         raise InstanceRefused(
             StoreStatus.CANNOT_UNDERSTAND, "dataset cannot be parsed (deflate stream ends early)"
         )
-    return inflated
 
 
-def read_identity(path: Path, *, transfer_syntax: str) -> InstanceIdentity:
-    """Check the spooled data set's structure and read its identifying attributes.
-
-    Raises InstanceRefused. The data set must be well formed in the negotiated transfer
-    syntax (see dicom_node.receive.structure), since it is stored as received; no reason
-    quotes a received value, which could be patient data.
-    """
-    syntax = UID(transfer_syntax)
-    wanted = frozenset({*IDENTITY_UIDS, MODALITY_TAG})
-    _, offset = split_dataset(path)  # pynetdicom's File Meta, then the data set as received
-    try:
-        with open(path, "rb") as spool:
-            with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                if syntax == DeflatedExplicitVRLittleEndian:
-                    scanned = scan_dataset(_inflate(data[offset:]), implicit=False, wanted=wanted)
-                else:
-                    implicit = syntax == ImplicitVRLittleEndian
-                    scanned = scan_dataset(data, start=offset, implicit=implicit, wanted=wanted)
-    except MalformedDataset as error:
-        raise InstanceRefused(
-            StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {error}"
-        ) from None
+def _scan(data, *, start: int, syntax: UID) -> ScannedDataset:
+    """The data set's structure checked and its identifying and image values read."""
+    scanned = scan_dataset(
+        data, start=start, implicit=syntax == ImplicitVRLittleEndian, wanted=WANTED_TAGS
+    )
     # PS3.5 A.4: compressed transfer syntaxes encapsulate Pixel Data (undefined length),
     # native ones do not; otherwise the stored file would misstate its own pixels.
     encapsulated = scanned.pixel_data_encapsulated
     if encapsulated is not None and encapsulated != syntax.is_encapsulated:
         state = "encapsulated" if encapsulated else "not encapsulated"
+        raise MalformedDataset(f"Pixel Data is {state}, unlike the transfer syntax")
+    check_pixel_data(data, scanned, transfer_syntax=str(syntax))
+    return scanned
+
+
+def read_identity(
+    path: Path, *, transfer_syntax: str, limits: StorageLimits, store: InstanceStore
+) -> InstanceIdentity:
+    """Check the spooled data set's structure and read its identifying attributes.
+
+    Raises InstanceRefused. The data set must be well formed in the negotiated transfer
+    syntax (see dicom_node.receive.structure), since it is stored as received, and its
+    pixel data must hold the image it declares; no reason quotes a received value, which
+    could be patient data. Pixels are never decoded.
+    """
+    syntax = UID(transfer_syntax)
+    _, offset = split_dataset(path)  # pynetdicom's File Meta, then the data set as received
+    try:
+        if syntax == DeflatedExplicitVRLittleEndian:
+            with store.temp_path(suffix=".inflated") as inflated:
+                _inflate(path, offset, inflated, limits=limits, store=store)
+                scanned = _scan_file(inflated, start=0, syntax=ExplicitVRLittleEndian)
+        else:
+            scanned = _scan_file(path, start=offset, syntax=syntax)
+    except MalformedDataset as error:
         raise InstanceRefused(
-            StoreStatus.CANNOT_UNDERSTAND, f"Pixel Data is {state}, unlike the transfer syntax"
-        )
+            StoreStatus.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {error}"
+        ) from None
 
     def text(tag: int) -> str:
         return scanned.values.get(tag, b"").decode("ascii", "replace").strip("\x00 ")
@@ -182,6 +243,15 @@ def read_identity(path: Path, *, transfer_syntax: str) -> InstanceIdentity:
         series_uid=uids[0x0020000E],
         modality=text(MODALITY_TAG),
     )
+
+
+def _scan_file(path: Path, *, start: int, syntax: UID) -> ScannedDataset:
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size == 0:
+            raise MalformedDataset("the data set is empty")
+        # Only element headers are read, so only their pages are ever touched.
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _scan(data, start=start, syntax=syntax)
 
 
 def check_identity(
@@ -249,28 +319,28 @@ def _status(status: StoreStatus, comment: str | None = None) -> Dataset:
 
 
 def check_free_space(store: InstanceStore, *, incoming_bytes: int, min_free_bytes: int) -> None:
-    """Refuse the instance if storing it would leave less than ``min_free_bytes`` free.
+    """Refuse the instance if writing `incoming_bytes` would leave less than `min_free_bytes`.
 
-    Checked before anything is written, so a refusal leaves no partial file; the
-    statvfs call is cheap enough to make per C-STORE, so storage resumes as soon as
-    space returns.
+    Free space counts what other associations have reserved (InstanceStore.reserve). The
+    statvfs call is cheap enough to make per fragment, so storage resumes as soon as space
+    returns.
     """
-    free = store.free_bytes()
+    free = store.unreserved_free_bytes()
     if free - incoming_bytes < min_free_bytes:
-        # PS3.4 B.2.3: Refused: Out of Resources; the sender keeps the instance and retries.
-        raise InstanceRefused(
-            StoreStatus.OUT_OF_RESOURCES,
-            f"disk space low: {free // MEGABYTE} MB free, node.min_free_megabytes is "
-            f"{min_free_bytes // MEGABYTE}",
-        )
+        raise InstanceRefused(StoreStatus.OUT_OF_RESOURCES, _disk_space_low(free, min_free_bytes))
+
+
+def _disk_space_low(free: int, min_free_bytes: int) -> str:
+    # PS3.4 B.2.3: Refused: Out of Resources; the sender keeps the instance and retries.
+    return f"disk space low: {free // MEGABYTE} MB free, node.min_free_megabytes is {min_free_bytes // MEGABYTE}"
 
 
 def handle_store(
-    event: evt.Event, queue, store: InstanceStore, min_free_bytes: int = 0,
+    event: evt.Event, queue, store: InstanceStore, limits: StorageLimits,
     activity: ReceiveActivity | None = None,
 ) -> Dataset:
     """EVT_C_STORE: store and record the instance, or say why not. Never raises."""
-    response = _store(event, queue, store, min_free_bytes)
+    response = _store(event, queue, store, limits)
     if activity is not None:
         if response.Status == StoreStatus.SUCCESS:
             activity.record_stored()
@@ -279,41 +349,61 @@ def handle_store(
     return response
 
 
-def _store(event: evt.Event, queue, store: InstanceStore, min_free_bytes: int) -> Dataset:
+def _persist(event: evt.Event, store: InstanceStore, identity: InstanceIdentity) -> tuple[Path, int]:
+    """The spooled data set as a Part 10 file at its final path: (path, size)."""
+    with store.temp_path() as staged:
+        size = write_part10(
+            staged, spool=event.dataset_path, calling_ae=event.assoc.requestor.ae_title,
+            called_ae=event.assoc.acceptor.ae_title,
+        )
+        path = store.persist_instance(
+            staged,
+            study_uid=identity.study_uid,
+            series_uid=identity.series_uid,
+            sop_instance_uid=identity.sop_instance_uid,
+        )
+    return path, size
+
+
+def _store(event: evt.Event, queue, store: InstanceStore, limits: StorageLimits) -> Dataset:
     request = event.request
     try:
-        calling_ae = event.assoc.requestor.ae_title
-        called_ae = event.assoc.acceptor.ae_title
+        refusal = spool_refusal(request)
+        if refusal is not None:  # dropped while it arrived (too large, or the disk filled)
+            raise InstanceRefused(StoreStatus(refusal.status), refusal.reason)
         transfer_syntax = event.context.transfer_syntax
-        identity = read_identity(event.dataset_path, transfer_syntax=transfer_syntax)
+        identity = read_identity(
+            event.dataset_path, transfer_syntax=transfer_syntax, limits=limits, store=store
+        )
         check_identity(
             identity,
             request_sop_class=str(request.AffectedSOPClassUID),
             request_sop_instance=str(request.AffectedSOPInstanceUID),
         )
-        check_free_space(
-            store, incoming_bytes=os.path.getsize(event.dataset_path), min_free_bytes=min_free_bytes
-        )
-        with store.temp_path() as staged:
-            size = write_part10(
-                staged, spool=event.dataset_path, calling_ae=calling_ae, called_ae=called_ae
-            )
-            path = store.persist_instance(
-                staged,
+        incoming = os.path.getsize(event.dataset_path)
+        with store.reserve(incoming, keep_free=limits.keep_free_bytes) as fits:
+            if not fits:
+                raise InstanceRefused(
+                    StoreStatus.OUT_OF_RESOURCES,
+                    _disk_space_low(store.unreserved_free_bytes(), limits.keep_free_bytes),
+                )
+            path, size = _persist(event, store, identity)
+            new = queue.record_instance(
+                sop_instance_uid=identity.sop_instance_uid,
+                sop_class_uid=identity.sop_class_uid,
                 study_uid=identity.study_uid,
                 series_uid=identity.series_uid,
-                sop_instance_uid=identity.sop_instance_uid,
+                path=str(path),
+                transfer_syntax=str(transfer_syntax),
+                calling_ae=event.assoc.requestor.ae_title,
+                size_bytes=size,
             )
-        new = queue.record_instance(
-            sop_instance_uid=identity.sop_instance_uid,
-            sop_class_uid=identity.sop_class_uid,
-            study_uid=identity.study_uid,
-            series_uid=identity.series_uid,
-            path=str(path),
-            transfer_syntax=str(transfer_syntax),
-            calling_ae=calling_ae,
-            size_bytes=size,
-        )
+            if not path.exists():
+                # Retention removed the study (rows and files, in one transaction) after
+                # persist_instance found this file there and before our row was committed:
+                # the row is ours now, so the file must be again.
+                log.warning("instance_rewritten", sop_instance_uid=identity.sop_instance_uid)
+                path, size = _persist(event, store, identity)
         log.info(
             "instance_stored" if new else "instance_duplicate",
             sop_instance_uid=identity.sop_instance_uid,
@@ -328,6 +418,7 @@ def _store(event: evt.Event, queue, store: InstanceStore, min_free_bytes: int) -
             reason=refused.reason,
             status=f"0x{refused.status:04X}",
             sop_instance_uid=safe_uid(request.AffectedSOPInstanceUID),
+            sop_class_uid=safe_uid(request.AffectedSOPClassUID),
         )
         return _status(refused.status, refused.reason)
     except OSError as error:

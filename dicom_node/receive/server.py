@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import tempfile
 import threading
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from dicom_node.config import Config
 from dicom_node.errors import ConfigError
 from dicom_node.log import get_logger
 from dicom_node.receive.access import (
+    ConnectionTable,
     calling_ae_of,
     check_access_config,
     handle_requested,
@@ -50,6 +52,7 @@ from dicom_node.receive.handlers import (
     log_established,
     log_released,
 )
+from dicom_node.receive.limits import DimseGuard, StorageLimits, read_pdu_bounded
 from dicom_node.store import InstanceStore
 from dicom_node.tls import scp_context, server_handshake
 
@@ -78,7 +81,6 @@ TRANSFER_SYNTAXES = (
 )
 MAX_PDU_BYTES = MEGABYTE
 
-
 def discard_unhandled_datasets(association) -> None:
     """Delete the spool files of C-STOREs that were never handed to handle_store.
 
@@ -96,13 +98,25 @@ def discard_unhandled_datasets(association) -> None:
     for spool in filter(None, spools):
         Path(spool.name).unlink(missing_ok=True)
 
-
-
 class StoreRequestHandler(RequestHandler):
-    """pynetdicom's per-connection handler, with two hooks on the association's threads."""
+    """pynetdicom's per-connection handler, adapted on the association's threads:
+
+    - the DUL reads PDUs with bounded length and time, and the DIMSE decoder is fed through
+      a guard that bounds command sets, in-memory data sets, queued requests and spooled
+      data sets (dicom_node.receive.limits);
+    - spool files of data sets never handed to the C-STORE handler are deleted;
+    - an exception in the DUL thread (a peer's malformed bytes) is logged, not printed.
+    """
 
     def _create_association(self):
         association = super()._create_association()
+        server: StoreServer = self.server
+        server.connections.attach(self.request, association)
+        dul = association.dul
+        dul._read_pdu_data = lambda: read_pdu_bounded(
+            dul, max_pdata_bytes=MAX_PDU_BYTES, timeout=server.ae.network_timeout
+        )
+        association.dimse.receive_primitive = DimseGuard(association, limits=server.limits, store=server.store)
         run, dul_run = association.run, association.dul.run
 
         def run_then_discard() -> None:
@@ -110,6 +124,10 @@ class StoreRequestHandler(RequestHandler):
                 run()
             finally:
                 discard_unhandled_datasets(association)
+                never_requested = association.requestor.primitive is None
+                server.connections.remove(
+                    self.request, request_timeout=server.ae.acse_timeout if never_requested else None
+                )
 
         def dul_run_then_wake() -> None:
             try:
@@ -134,13 +152,43 @@ class StoreRequestHandler(RequestHandler):
         association.dul.run = dul_run_then_wake
         return association
 
-
 class StoreServer(ThreadedAssociationServer):
-    """The association server, with Nagle off on every accepted connection.
+    """The association server: Nagle off, connection limits, association time limit.
 
-    With TLS the handshake runs in the association's thread (pynetdicom would run it
-    in the accept loop, where one silent client blocks every other connection).
+    Every accepted connection is admitted by a ConnectionTable (per-address and total
+    limits, before anything is known of the peer) or closed at once; a thread closes
+    associations older than node.max_association_seconds. With TLS the handshake runs in
+    the association's thread (pynetdicom would run it in the accept loop, where one silent
+    client blocks every other connection).
     """
+
+    # Set by start_scp once the server is made (pynetdicom's make_server builds it).
+    connections: ConnectionTable
+    limits: StorageLimits
+    store: InstanceStore
+    max_association_seconds: float
+    WATCH_EVERY_SECONDS = 1.0
+    # socketserver's listen() backlog is 5: in a burst of connections (a flood, or many
+    # modalities at once) the kernel drops the SYNs beyond it, and each of those peers,
+    # the PACS among them, retries after 1 s, then 3 s, 7 s... The kernel caps this value
+    # at net.core.somaxconn.
+    request_queue_size = 512
+
+    def verify_request(self, request, client_address) -> bool:
+        # socketserver closes the connection when this returns False.
+        return self.connections.admit(request, str(client_address[0])) is not None
+
+    def watch_limits(self) -> None:
+        """Close what has been open too long, until shutdown(); run in its own thread."""
+        self._watching = threading.Event()
+        while not self._watching.wait(self.WATCH_EVERY_SECONDS):
+            self.connections.expire(max_age_seconds=self.max_association_seconds)
+
+    def shutdown(self) -> None:
+        watching = getattr(self, "_watching", None)
+        if watching is not None:
+            watching.set()
+        super().shutdown()
 
     def get_request(self):
         client_socket, address = self.socket.accept()
@@ -159,13 +207,20 @@ class StoreServer(ThreadedAssociationServer):
         return client_socket, address
 
     def process_request_thread(self, request, client_address):
-        if self.ssl_context and not server_handshake(
-            request, timeout=self.ae.network_timeout, peer=str(client_address[0])
-        ):
-            self.shutdown_request(request)
-            return
-        super().process_request_thread(request, client_address)
-
+        # This thread only starts the association's own threads; the association thread
+        # takes the connection out of the table when it ends (StoreRequestHandler).
+        started = False
+        try:
+            if self.ssl_context and not server_handshake(
+                request, timeout=self.ae.network_timeout, peer=str(client_address[0])
+            ):
+                self.shutdown_request(request)
+                return
+            super().process_request_thread(request, client_address)
+            started = True
+        finally:
+            if not started:
+                self.connections.remove(request)
 
 class _WithoutReceivedValues(logging.Filter):
     """Keeps pynetdicom's log lines free of what peers sent.
@@ -185,14 +240,12 @@ class _WithoutReceivedValues(logging.Filter):
         record.exc_info = record.exc_text = record.stack_info = None
         return True
 
-
 def _keep_received_values_out_of_logs() -> None:
     """Filter every pynetdicom logger (a logger's filters do not apply to its children)."""
     names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "pynetdicom"]
     for logger in map(logging.getLogger, names):
         if not any(isinstance(f, _WithoutReceivedValues) for f in logger.filters):
             logger.addFilter(_WithoutReceivedValues())
-
 
 def build_ae(config: Config) -> AE:
     """The application entity with this node's presentation contexts and limits."""
@@ -210,7 +263,10 @@ def build_ae(config: Config) -> AE:
     # PDU raised the SCP's peak memory by 513 MiB, against 4 MiB with 1 MiB PDUs, which
     # were also faster. A tomosynthesis volume in one PDU could exhaust the memory.
     ae.maximum_pdu_size = MAX_PDU_BYTES
-    ae.maximum_associations = config.node.max_associations
+    # pynetdicom counts every connection, even one that never sent its A-ASSOCIATE-RQ, as an
+    # association; ours (handle_requested) count accepted associations only, so pynetdicom's
+    # check must never come first: at most node.max_connections connections exist.
+    ae.maximum_associations = config.node.max_connections
     ae.network_timeout = config.node.network_timeout_seconds
     ae.acse_timeout = config.node.network_timeout_seconds
     ae.dimse_timeout = config.node.network_timeout_seconds
@@ -222,7 +278,6 @@ def build_ae(config: Config) -> AE:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     return ae
 
-
 def start_scp(config: Config, *, queue, store: InstanceStore) -> StoreServer:
     """Start listening on node.host:node.port in background threads; return the server.
 
@@ -233,12 +288,21 @@ def start_scp(config: Config, *, queue, store: InstanceStore) -> StoreServer:
     check_access_config(config, warn=False)  # serve checked (and warned) before its workers started
     ae = build_ae(config)
     activity = ReceiveActivity()
+    limits = StorageLimits.from_config(config)
+    connections = ConnectionTable(
+        max_connections=config.node.max_connections,
+        max_per_address=config.security.max_connections_per_address,
+    )
+    # pynetdicom spools C-STORE data sets into tempfile's directory (it takes no other):
+    # under data_dir/tmp they are on the instances' filesystem, which the disk checks
+    # watch, and what a crash leaves there is removed by store.reconcile at the next start.
+    tempfile.tempdir = str(store.tmp_dir)
     handlers = [
-        (evt.EVT_REQUESTED, handle_requested, [config]),
+        (evt.EVT_REQUESTED, handle_requested, [config, connections]),
         (evt.EVT_ESTABLISHED, log_established),
         (evt.EVT_RELEASED, log_released),
         (evt.EVT_ABORTED, log_aborted),
-        (evt.EVT_C_STORE, handle_store, [queue, store, config.node.min_free_megabytes * MEGABYTE, activity]),
+        (evt.EVT_C_STORE, handle_store, [queue, store, limits, activity]),
     ]
     # ae.start_server(block=False) without its fixed server class: same steps.
     try:
@@ -251,11 +315,14 @@ def start_scp(config: Config, *, queue, store: InstanceStore) -> StoreServer:
         raise ConfigError(
             f"node.host/node.port: cannot listen on {config.node.host}:{config.node.port} ({error.strerror})"
         ) from None
+    server.connections, server.limits, server.store = connections, limits, store
+    server.max_association_seconds = config.node.max_association_seconds
+    server.activity = activity  # read by health and status
     threading.Thread(
         target=server.serve_forever, name=f"StoreServer@{config.node.port}", daemon=True
     ).start()
+    threading.Thread(target=server.watch_limits, name="StoreServer-limits", daemon=True).start()
     ae._servers.append(server)  # AssociationServer.shutdown() removes it from there
-    server.activity = activity  # read by health and status
     host, port = server.server_address[:2]
     log.info("scp_listening", ae_title=config.node.ae_title, host=host, port=port,
              tls=config.security.tls.enabled)

@@ -61,7 +61,9 @@ from typing import Protocol
 
 import highdicom
 import numpy as np
-from highdicom._standard_utils import does_iod_have_pixel_data  # pinned highdicom 0.28.2
+from highdicom._standard_utils import (
+    does_iod_have_pixel_data,  # pinned highdicom 0.28.2
+)
 from highdicom.color import CIELabColor
 from highdicom.pr import (
     AnnotationUnitsValues,

@@ -131,5 +131,5 @@ def test_build_ae_offers_mammography_classes_in_every_syntax():
         assert offered[sop_class] == set(TRANSFER_SYNTAXES)
     assert len(ae.supported_contexts) <= 128  # pynetdicom's limit
     assert ae.maximum_pdu_size == MAX_PDU_BYTES
-    assert ae.maximum_associations == 4
+    assert ae.maximum_associations == 64  # node.max_connections: ours count associations (handle_requested)
     assert _config.STORE_RECV_CHUNKED_DATASET is True

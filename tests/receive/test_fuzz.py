@@ -94,7 +94,7 @@ def fuzz_node(tmp_path, monkeypatch):
     config = write_config(tmp_path / "node.toml", {
         "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": 0, "data_dir": str(tmp_path / "data"),
                  "network_timeout_seconds": NETWORK_TIMEOUT_SECONDS, "max_associations": 32},
-        "security": {"max_associations_per_caller": 32},
+        "security": {"max_associations_per_caller": 32, "max_connections_per_address": 32},
         "study": {"stable_seconds": 1},
         "workers": {"count": 1, "device": "cpu"},
         "detector": {"architecture": "fixed_boxes", "weights": str(boxes)},

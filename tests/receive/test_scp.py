@@ -431,3 +431,19 @@ def test_logs_name_uids_and_never_patient_data(node, tmp_path, log_output, monke
         synthetic.FAKE_ACCESSION,
     ):
         assert phi not in output
+
+
+def test_refused_image_types_are_logged_with_sop_class_and_caller(node, log_output):
+    """A PACS administrator who routes CT here can read in the node's log why nothing came."""
+    with association(node.port, [(CTImageStorage, UNCOMPRESSED), (MG, UNCOMPRESSED)], calling="ROUTER") as assoc:
+        assert assoc.is_established
+    ds = synthetic.mammogram(sop_class_uid=SecondaryCaptureImageStorage)
+    ds.Modality = "CT"
+    assert send(node.port, ds, sop_class=SecondaryCaptureImageStorage).Status == StoreStatus.SOP_CLASS_NOT_SUPPORTED
+    events = [json.loads(line) for line in log_output().splitlines() if line.startswith("{")]
+    (negotiation,) = [e for e in events if e["event"] == "sop_classes_refused"]
+    assert negotiation["sop_class_uids"] == [CTImageStorage] and negotiation["sop_classes"] == ["CT Image Storage"]
+    assert negotiation["calling_ae"] == "ROUTER" and negotiation["peer"] == "127.0.0.1"
+    (refused,) = [e for e in events if e["event"] == "instance_refused"]
+    assert refused["sop_class_uid"] == SecondaryCaptureImageStorage and "Modality CT" in refused["reason"]
+    assert refused["calling_ae"] == SENDER_AE

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,21 +25,8 @@ OUT_OF_RESOURCES = "Refused: OutOfResources"
 
 
 @pytest.fixture
-def small_filesystem(tmp_path) -> Path:
-    """A 32 MB tmpfs, unmounted afterwards; skips where the test may not mount one."""
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MEGABYTES}m", "tmpfs", str(mount_point)],
-        capture_output=True, text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    yield mount_point
-    if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+def small_filesystem(tmpfs) -> Path:
+    return tmpfs(TMPFS_MEGABYTES)
 
 
 def instance(folder: Path, *, rows: int, columns: int, seed: int = 0) -> Path:
