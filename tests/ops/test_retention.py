@@ -276,8 +276,16 @@ def test_the_runner_logs_an_error_and_goes_on(data_dir, queue, make_study):
 
 def test_the_runner_does_nothing_when_retention_is_off(data_dir, queue, make_study):
     study = make_study(NOW - 100 * DAY)
+    config = node_config(data_dir, enabled=False, min_free_megabytes=10**12, check_interval="1s")
+    stop = threading.Event()
     with capture_logs() as logs:
-        run_retention(queue, node_config(data_dir, enabled=False), threading.Event())  # returns at once
+        thread = threading.Thread(target=run_retention, args=(queue, config, stop))
+        thread.start()
+        thread.join(30)  # returns at once, without being stopped
+        finished = not thread.is_alive()
+        stop.set()
+        thread.join(30)
+    assert finished
     assert [e["event"] for e in logs] == ["retention_off"]
     assert_kept(queue, study)
 
