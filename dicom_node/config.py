@@ -267,7 +267,7 @@ class RetentionConfig(_Section):
 
     @field_validator("keep_delivered_for", "check_interval")
     @classmethod
-    def _not_negative(cls, value: timedelta, info) -> timedelta:
+    def _long_enough(cls, value: timedelta, info) -> timedelta:
         floor = timedelta(seconds=1) if info.field_name == "check_interval" else timedelta(0)
         if value < floor:
             raise ValueError(f"must be at least {floor.total_seconds():g}s")

@@ -200,7 +200,10 @@ class InstanceStore:
                     path.unlink()
                 except FileNotFoundError:
                     continue
-                setattr(removed, kind, getattr(removed, kind) + 1)
+                if kind == "instances":
+                    removed.instances += 1
+                else:
+                    removed.results += 1
                 removed.bytes += size
                 touched.add(path.parent)
         for folder in sorted(touched):

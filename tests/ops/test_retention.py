@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sqlite3
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pytest
 from structlog.testing import capture_logs
 
-from dicom_node.ops.retention import Reason, format_purge, purge, retention_pass, run_retention
+from dicom_node.ops.retention import (
+    Reason,
+    format_purge,
+    purge,
+    retention_pass,
+    run_retention,
+)
 from dicom_node.queue import Queue
 from dicom_node.store import InstanceStore, reconcile
 from tests import synthetic
@@ -94,8 +100,6 @@ def test_files_outside_the_data_dir_are_never_deleted(data_dir, store, queue, ma
     record(queue, study.study_uid, now=NOW - 2 * DAY - timedelta(hours=1), sop_instance_uid=None)
     queue.close()
     # A row naming a file outside instances/ (edited by hand): the row may go, the file stays.
-    import sqlite3
-
     with sqlite3.connect(data_dir / "dicom-node.sqlite") as db:
         db.execute("UPDATE instances SET path = ? WHERE path LIKE '/data/%'", (str(outside),))
         db.execute("UPDATE studies SET enqueued_instance_count = instance_count")
@@ -222,8 +226,8 @@ def test_purge_removes_every_delivered_study_at_0s_and_prints_what_it_removed(da
     assert lines == [
         f"{second.study_uid}  2 instance(s), 1 result(s), {sizes[second.study_uid]} bytes",
         f"{first.study_uid}  2 instance(s), 1 result(s), {sizes[first.study_uid]} bytes",
-        f"removed 2 study(ies): 4 instance(s), 2 result(s), {sum(sizes.values())} bytes "
-        f"({sum(sizes.values()) / 1024 / 1024:.1f} MB)",
+        (f"removed 2 study(ies): 4 instance(s), 2 result(s), {sum(sizes.values())} bytes "
+         f"({sum(sizes.values()) / 1024 / 1024:.1f} MB)"),
     ]
     assert_kept(queue, pending)
     (summary,) = [e for e in logs if e["event"] == "retention_done"]
@@ -289,7 +293,3 @@ def test_the_runner_does_nothing_when_retention_is_off(data_dir, queue, make_stu
     assert [e["event"] for e in logs] == ["retention_off"]
     assert_kept(queue, study)
 
-
-@pytest.mark.parametrize("reason", list(Reason))
-def test_reasons_are_the_documented_words(reason):
-    assert str(reason) in {"age", "disk_space", "operator"}
