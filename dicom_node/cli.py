@@ -122,6 +122,21 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_purge(args) -> int:
+    from dicom_node.config import parse_duration
+
+    try:
+        older_than = parse_duration(args.older_than)
+    except ValueError as error:
+        print(f"error: argument --older-than: {error}", file=sys.stderr)
+        return 2
+    from dicom_node.ops.retention import format_purge, purge
+
+    run = purge(_load(args), older_than=older_than)
+    print(format_purge(run))
+    return 1 if run.failed else 0
+
+
 def cmd_echo(args) -> int:
     from dicom_node.deliver.scu import echo
     from dicom_node.errors import RetryableError
@@ -255,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     jobs_sub.add_parser("show").add_argument("job_id", type=int)
     jobs_sub.add_parser("retry").add_argument("job_id", type=int)
+
+    purge = with_config(sub.add_parser("purge", help="remove studies delivered longer ago than DURATION"))
+    purge.add_argument("--older-than", required=True, metavar="DURATION",
+                       help="90s, 30m, 48h, 7d; 0s: every fully delivered study")
+    purge.set_defaults(func=cmd_purge)
 
     echo = with_config(sub.add_parser("echo", help="C-ECHO the configured destinations"))
     echo.add_argument("--destination", help="only this destination (by name)")

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import re
 import tomllib
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from dicom_node.errors import ConfigError
 
@@ -58,6 +61,37 @@ def _check_ae_title(value: str) -> str:
 
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+
+_DURATION = re.compile(r"(\d{1,9}(?:\.\d{1,6})?)([smhd])")
+_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+MAX_DURATION = timedelta(days=36500)
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"90s"``, ``"30m"``, ``"48h"``, ``"7d"`` (or ``"1.5h"``) as a timedelta.
+
+    The one parser for durations, in the config (``retention.*``) and on the command
+    line (``dicom-node purge --older-than``); ValueError saying what is expected otherwise.
+    """
+    match = _DURATION.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a duration: a number and a unit s, m, h or d (90s, 30m, 48h, 7d)"
+        )
+    duration = timedelta(**{_DURATION_UNITS[match[2]]: float(match[1])})
+    if duration > MAX_DURATION:  # so that "now - duration" is always a date
+        raise ValueError(f"{text!r} is longer than {MAX_DURATION.days}d")
+    return duration
+
+
+def _duration(value: object) -> timedelta:
+    if isinstance(value, timedelta):  # a config built in code (tests)
+        return value
+    return parse_duration(value)
+
+
+# A duration string in the TOML; a bare number is refused, so the unit is never guessed.
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
 
 
 class _Section(BaseModel):
@@ -225,6 +259,41 @@ class HealthConfig(_Section):
     max_pending_age_seconds: Annotated[float, Field(gt=0)] = 1800.0
 
 
+class RetentionConfig(_Section):
+    """What the node removes once it is no longer needed (dicom_node.ops.retention).
+
+    Only studies whose every analysis is done and every result delivered to every
+    destination are ever removed; the PACS then holds the images and the GSPS.
+    """
+
+    enabled: bool = True
+    # Age, counted from when the study became fully delivered, after which it is removed.
+    # 7 days: long enough to look into a question about a result within the week (weekend
+    # included), short enough that the node does not become a second, unmanaged archive
+    # of patient images (data minimisation; the PACS is the archive).
+    keep_delivered_for: Duration = timedelta(days=7)
+    # Under this free space on data_dir, delivered studies are removed early, oldest
+    # first, whatever their age. None: twice node.min_free_megabytes, so retention
+    # frees space before the SCP starts refusing C-STOREs (0xA700).
+    min_free_megabytes: Annotated[int, Field(ge=0)] | None = None
+    check_interval: Duration = timedelta(minutes=1)
+
+    @field_validator("keep_delivered_for", "check_interval")
+    @classmethod
+    def _long_enough(cls, value: timedelta, info) -> timedelta:
+        floor = timedelta(seconds=1) if info.field_name == "check_interval" else timedelta(0)
+        if value < floor:
+            raise ValueError(f"must be at least {floor.total_seconds():g}s")
+        return value
+
+    def min_free_bytes(self, node: NodeConfig) -> int:
+        """The free-space level under which delivered studies are removed early, in bytes."""
+        megabytes = self.min_free_megabytes
+        if megabytes is None:
+            megabytes = 2 * node.min_free_megabytes
+        return megabytes * 1024 * 1024
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -240,6 +309,7 @@ class Config(_Section):
     destinations: list[DestinationConfig] = Field(default_factory=list)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("destinations")
@@ -250,6 +320,23 @@ class Config(_Section):
         if duplicates:
             raise ValueError(f"destination names must be unique, repeated: {duplicates}")
         return value
+
+    @model_validator(mode="after")
+    def _retention_before_refusal(self) -> "Config":
+        # Retention must free space before the SCP refuses C-STOREs, not after.
+        level, floor = self.retention.min_free_megabytes, self.node.min_free_megabytes
+        if level is not None and level < floor:
+            error = PydanticCustomError(
+                "retention_level",
+                "{level} is below node.min_free_megabytes ({floor}): retention must free space "
+                "before the SCP refuses C-STOREs",
+                {"level": level, "floor": floor},
+            )
+            raise ValidationError.from_exception_data(
+                "Config",
+                [InitErrorDetails(type=error, loc=("retention", "min_free_megabytes"), input=level)],
+            )
+        return self
 
     @property
     def database_url(self) -> str:

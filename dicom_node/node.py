@@ -2,7 +2,8 @@
 
 Process layout:
 - main process: the Storage SCP (pynetdicom threads), a scheduler thread that turns
-  stable studies into jobs and supervises workers, and a delivery thread (C-STORE SCU);
+  stable studies into jobs and supervises workers, a delivery thread (C-STORE SCU) and a
+  retention thread (removes delivered studies, dicom_node.ops.retention);
 - `workers.count` worker processes (spawned), each holding one loaded model.
 All of them share the SQLite job table through dicom_node.queue.
 
@@ -245,6 +246,7 @@ class Node:
     def run(self) -> int:
         from dicom_node.deliver.runner import run_deliveries
         from dicom_node.ops.health import start_health_server
+        from dicom_node.ops.retention import run_retention
         from dicom_node.ops.runlock import RunLock
         from dicom_node.queue.ops import Queue
         from dicom_node.receive import start_scp
@@ -284,6 +286,7 @@ class Node:
         threads = [
             threading.Thread(target=self._scheduler, args=(queue, pool), name="scheduler", daemon=True),
             threading.Thread(target=run_deliveries, args=(queue, config, self._stop), name="deliver", daemon=True),
+            threading.Thread(target=run_retention, args=(queue, config, self._stop), name="retention", daemon=True),
         ]
         for thread in threads:
             thread.start()

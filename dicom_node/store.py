@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +53,16 @@ def validate_uid(value: object, *, name: str) -> str:
     if not _UID.fullmatch(text):
         raise ValueError(f"{name} is not a UID (digits and dots): {text[:MAX_UID_LENGTH]!r}")
     return text
+
+
+@dataclass
+class Removed:
+    """What `InstanceStore.remove_files` deleted."""
+
+    instances: int = 0  # instance files deleted
+    results: int = 0  # result files deleted
+    bytes: int = 0  # their size
+    skipped: list[str] = field(default_factory=list)  # paths outside instances/ and results/
 
 
 class InstanceStore:
@@ -185,6 +195,58 @@ class InstanceStore:
             if fits:
                 with self._reserved_lock:
                     self._reserved -= nbytes
+
+    def remove_files(self, instance_paths: Iterable[str], result_paths: Iterable[str] = ()) -> Removed:
+        """Delete these instance and result files, then the series and study folders left empty.
+
+        Only files at instance depth under instances/ and directly under results/ are
+        touched: a path anywhere else (a moved data_dir, a row edited by hand) is left
+        alone and returned in ``skipped``. A file already gone is not an error. The
+        directories are fsynced before returning, so the removal is on disk before the
+        caller commits the matching row deletions (see Queue.purge_study): after a power
+        loss a removed file cannot reappear without its row.
+
+        A folder is removed only while empty (``rmdir``): an instance the SCP has just
+        renamed into it keeps it. The SCP creating a folder just as it is removed gets
+        an OSError before it acknowledges anything, and answers Out of Resources.
+        """
+        removed = Removed()
+        touched: set[Path] = set()
+        instances_root, results_root = self.instances_dir.resolve(), self.results_dir.resolve()
+        for paths, root, depth, kind in (
+            (instance_paths, instances_root, 3, "instances"),
+            (result_paths, results_root, 1, "results"),
+        ):
+            for name in paths:
+                path = Path(name).resolve()
+                if not (path.is_relative_to(root) and len(path.relative_to(root).parts) == depth):
+                    removed.skipped.append(str(name))
+                    continue
+                try:
+                    size = path.stat().st_size
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                if kind == "instances":
+                    removed.instances += 1
+                else:
+                    removed.results += 1
+                removed.bytes += size
+                touched.add(path.parent)
+        for folder in sorted(touched):
+            if folder == results_root:
+                continue
+            series, study = folder, folder.parent
+            for empty in (series, study):
+                try:
+                    empty.rmdir()
+                except OSError:  # not empty (another series, a new instance) or gone
+                    break
+                touched.add(empty.parent)
+        for folder in sorted(touched):
+            if folder.is_dir():
+                self._fsync_dir(folder)
+        return removed
 
     def instance_files(self) -> Iterator[Path]:
         """Every file at instance depth (instances/<study>/<series>/<file>), in no order."""

@@ -63,3 +63,20 @@ def test_serve_on_a_port_in_use_is_a_config_error_and_exits(tmp_path):
     assert result.returncode == 2, result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_purge_with_a_bad_duration_is_one_line_naming_the_argument(tmp_path):
+    result = run_cli("purge", "--older-than", "3 weeks", "--config", str(tmp_path / "none.toml"))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: argument --older-than: '3 weeks' is not a duration: a number and a unit s, m, h or d "
+        "(90s, 30m, 48h, 7d)"]
+    assert result.stdout == ""
+
+
+def test_purge_on_an_empty_data_dir_has_nothing_to_remove(tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text("[node]\ndata_dir = 'data'\n")
+    result = run_cli("purge", "--older-than", "0s", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "nothing to remove\n"

@@ -56,3 +56,66 @@ def test_unreadable_and_invalid_toml_are_config_errors(tmp_path):
     broken.write_text("[node\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(broken)
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("[retention]\nkeep_delivered_for = '30x'\n", "retention.keep_delivered_for: Value error, '30x' is not a duration"),
+        ("[retention]\nkeep_delivered_for = 30\n", "retention.keep_delivered_for: Value error, 30 is not a duration"),
+        ("[retention]\ncheck_interval = '0s'\n", "retention.check_interval: Value error, must be at least 1s"),
+        ("[retention]\nmin_free_megabytes = -1\n", "retention.min_free_megabytes"),
+        ("[retention]\nkeep_for = '7d'\n", "retention.keep_for: unknown key"),
+        ("[node]\nmin_free_megabytes = 4096\n[retention]\nmin_free_megabytes = 2048\n",
+         "retention.min_free_megabytes: 2048 is below node.min_free_megabytes (4096)"),
+    ],
+)
+def test_bad_retention_values_are_rejected_naming_the_key(tmp_path, toml, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert f"{path}: {message}" in str(error.value)
+
+
+def test_retention_defaults_and_the_derived_free_space_level():
+    from datetime import timedelta
+
+    documented = load_config(REPO / "config" / "dicom-node.toml").retention
+    default = parse_config({}, base_dir=Path(".")).retention
+    assert documented == default
+    assert (default.enabled, default.keep_delivered_for, default.check_interval) == (
+        True, timedelta(days=7), timedelta(minutes=1))
+    node = parse_config({}, base_dir=Path(".")).node
+    assert default.min_free_bytes(node) == 2 * 1024 * 1024 * 1024  # twice node.min_free_megabytes
+    raised = parse_config({"node": {"min_free_megabytes": 5000}}, base_dir=Path("."))
+    assert raised.retention.min_free_bytes(raised.node) == 10000 * 1024 * 1024
+    equal = parse_config({"node": {"min_free_megabytes": 5000}, "retention": {"min_free_megabytes": 5000}},
+                         base_dir=Path("."))
+    assert equal.retention.min_free_bytes(equal.node) == 5000 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90s", 90), ("30m", 1800), ("48h", 172800), ("7d", 604800), ("0s", 0), ("1.5h", 5400), (" 2d ", 172800)],
+)
+def test_durations(text, seconds):
+    from dicom_node.config import parse_duration
+
+    assert parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "7", "d", "7 d", "-1d", "7w", "1e3s", "7D", "1.d", "9999999999d", "7d7h"])
+def test_not_durations(text):
+    from dicom_node.config import parse_duration
+
+    with pytest.raises(ValueError, match="is not a duration: a number and a unit s, m, h or d"):
+        parse_duration(text)
+
+
+def test_durations_longer_than_100_years_are_refused():
+    from dicom_node.config import parse_duration
+
+    assert parse_duration("36500d").days == 36500
+    with pytest.raises(ValueError, match="'36501d' is longer than 36500d"):
+        parse_duration("36501d")

@@ -212,3 +212,11 @@ class Job:
 
     def log_context(self) -> dict:
         return {"job_id": self.id, "study_uid": self.study_uid, "generation": self.generation}
+
+
+@dataclass(frozen=True)
+class DeliveredStudy:
+    """A study that retention may remove: analysed, every result delivered, nothing newer."""
+
+    study_uid: str
+    delivered_at: datetime  # when it became fully delivered: its jobs' and deliveries' last update

@@ -13,17 +13,20 @@ Each public method is one short transaction, committed before it returns.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import (
     Connection,
     Row,
     Table,
     and_,
+    case,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -39,10 +42,12 @@ from sqlalchemy.engine import make_url
 from dicom_node.errors import NodeError
 from dicom_node.log import get_logger
 from dicom_node.queue.models import (
+    DeliveredStudy,
     Delivery,
     Instance,
     Job,
     State,
+    UTCDateTime,
     deliveries,
     instances,
     jobs,
@@ -57,6 +62,7 @@ _NOUN = {"jobs": "job", "deliveries": "delivery"}
 _IN_CHUNK = 500  # values per IN (...) list, well under SQLite's bound-parameter limit
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 class LeaseLost(NodeError):
@@ -295,6 +301,40 @@ def _latest_errors(limit: int):
     )
     both = union_all(job_errors, delivery_errors).subquery()
     return select(both).order_by(both.c.at.desc()).limit(limit)
+
+
+# --- Retention ----------------------------------------------------------------------
+
+
+def _delivered_studies(delivered_before: datetime | None):
+    """SELECT study_uid, delivered_at of every study retention may remove (oldest first).
+
+    A study qualifies when it has at least one job, every job is done, every job has at
+    least one delivery and every delivery is done (a result without a delivery is the
+    only copy there is), and no instance arrived after its last enqueue. delivered_at is
+    the latest update of its jobs and deliveries: when the last of them became done.
+    """
+    not_delivered = case(
+        (jobs.c.state != State.DONE, 1),
+        (deliveries.c.id.is_(None), 1),
+        (deliveries.c.state != State.DONE, 1),
+        else_=0,
+    )
+    delivered_at = func.max(
+        func.max(jobs.c.updated_at), func.max(deliveries.c.updated_at), type_=UTCDateTime
+    ).label("delivered_at")
+    stmt = (
+        select(studies.c.study_uid, delivered_at)
+        .join(jobs, jobs.c.study_uid == studies.c.study_uid)
+        .outerjoin(deliveries, deliveries.c.job_id == jobs.c.id)
+        .where(studies.c.instance_count == studies.c.enqueued_instance_count)
+        .group_by(studies.c.study_uid)
+        .having(func.sum(not_delivered) == 0)
+        .order_by(delivered_at, studies.c.study_uid)
+    )
+    if delivered_before is not None:
+        stmt = stmt.having(delivered_at <= delivered_before)
+    return stmt
 
 
 class Queue:
@@ -702,6 +742,62 @@ class Queue:
                 max_attempts=max_attempts,
                 now=now or utcnow(),
             )
+
+    # --- retention ---------------------------------------------------------------
+
+    def delivered_studies(
+        self, *, delivered_before: datetime | None = None, limit: int = 100
+    ) -> list[DeliveredStudy]:
+        """Studies retention may remove, delivered longest ago first (see _delivered_studies).
+
+        With `delivered_before`, only those fully delivered at or before it.
+        """
+        stmt = _delivered_studies(delivered_before).limit(limit)
+        with self._read() as conn:
+            return [_record(DeliveredStudy, row) for row in conn.execute(stmt)]
+
+    def purge_study(
+        self,
+        study_uid: str,
+        *,
+        delivered_before: datetime | None = None,
+        remove_files: Callable[[list[str], list[str]], T],
+    ) -> T | None:
+        """Delete a delivered study's rows and, through `remove_files`, its files, atomically.
+
+        All in one BEGIN IMMEDIATE transaction, which holds SQLite's write lock, so no other
+        process (the SCP recording a new instance of this study) can commit meanwhile:
+        check again that the study may be removed (and was delivered at or before
+        `delivered_before`, when given), delete its delivery, job, instance and study rows,
+        call ``remove_files(instance_paths, result_paths)``, and only then commit. Returns
+        what remove_files returned; None, changing nothing, if the study may no longer be
+        removed (e.g. an instance arrived since it was listed). If remove_files raises,
+        the rows stay (rolled back) and the exception propagates.
+        """
+        still = _delivered_studies(delivered_before).where(studies.c.study_uid == study_uid)
+        study_jobs = select(jobs.c.id).where(jobs.c.study_uid == study_uid)
+        with self._write() as conn:
+            if conn.execute(still).first() is None:
+                return None
+            instance_paths = list(
+                conn.scalars(
+                    select(instances.c.path)
+                    .where(instances.c.study_uid == study_uid)
+                    .order_by(instances.c.id)
+                )
+            )
+            job_results = select(jobs.c.result_path).where(
+                jobs.c.study_uid == study_uid, jobs.c.result_path.is_not(None)
+            )
+            delivered = select(deliveries.c.path).where(deliveries.c.job_id.in_(study_jobs))
+            result_paths = sorted(set(conn.scalars(job_results)) | set(conn.scalars(delivered)))
+            conn.execute(delete(deliveries).where(deliveries.c.job_id.in_(study_jobs)))
+            conn.execute(delete(jobs).where(jobs.c.study_uid == study_uid))
+            conn.execute(delete(instances).where(instances.c.study_uid == study_uid))
+            conn.execute(delete(studies).where(studies.c.study_uid == study_uid))
+            # Files last, still inside the transaction: a crash before the commit leaves
+            # every row (files of a delivered study gone at worst; see ops/retention.py).
+            return remove_files(instance_paths, result_paths)
 
     # --- reporting ---------------------------------------------------------------
 

@@ -30,3 +30,29 @@ def record(queue: Queue, study_uid: str, *, now: datetime, sop_instance_uid: str
         size_bytes=1234,
         now=now,
     )
+
+
+def analyse(queue: Queue, study_uid: str, *, now: datetime, destinations=("pacs",),
+            result_path: str | None = None) -> int:
+    """Enqueue the study's received instances and complete its job at `now`; returns the job id.
+
+    One pending delivery per destination is created, as the worker does.
+    """
+    assert queue.enqueue_ready_studies(stable_seconds=0, now=now)
+    job = queue.claim_next_job(worker="w", lease_seconds=600, now=now)
+    assert job is not None and job.study_uid == study_uid
+    queue.complete_job(
+        job.id, worker="w", result_path=result_path or f"/data/results/{job.id}.dcm",
+        result_sop_instance_uid=new_uid(), detections=0, destinations=list(destinations), now=now,
+    )
+    return job.id
+
+
+def deliver(queue: Queue, *, now: datetime, fail: tuple[str, ...] = ()) -> None:
+    """Send every due delivery at `now`: done, or failed for good for destinations in `fail`."""
+    while (delivery := queue.claim_next_delivery(worker="d", lease_seconds=600, now=now)) is not None:
+        if delivery.destination in fail:
+            queue.fail_delivery(delivery.id, worker="d", error="rejected", retryable=False,
+                                backoff_seconds=1, max_backoff_seconds=1, max_attempts=1, now=now)
+        else:
+            queue.complete_delivery(delivery.id, worker="d", now=now)
