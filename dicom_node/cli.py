@@ -15,7 +15,9 @@ from pathlib import Path
 
 from dicom_node.errors import ConfigError, NodeError
 
-DEFAULT_CONFIG = os.environ.get("DICOM_NODE_CONFIG", "config/dicom-node.toml")
+CONFIG_ENV = "DICOM_NODE_CONFIG"  # the config file when --config is not given
+FALLBACK_CONFIG = "config/dicom-node.toml"
+CONFIG_HELP = f"node config TOML (default: ${CONFIG_ENV} if set, else {FALLBACK_CONFIG})"
 
 
 def _load(args):
@@ -43,6 +45,10 @@ def cmd_serve(args) -> int:
 
 def cmd_check_config(args) -> int:
     config = _load(args)
+    from dicom_node.ops.preflight import check_data_dir, check_ports_free
+    from dicom_node.ops.runlock import running_node_pid
+
+    check_data_dir(config.node.data_dir)
     from dicom_node.analyse.detector import load_detector
 
     load_detector(config.detector, device="cpu")
@@ -51,9 +57,20 @@ def cmd_check_config(args) -> int:
 
     check_tls(config)
     check_access_config(config)
+    pid = running_node_pid(config.node.data_dir)
+    if pid is None:
+        check_ports_free(config)
+        ports = "ports free"
+    else:  # its own ports are taken by it
+        ports = f"ports not checked: a node runs on this data_dir (pid {pid or '?'})"
     print(f"{args.config}: OK (architecture {config.detector.architecture}, "
-          f"{len(config.destinations)} destination(s), data_dir {config.node.data_dir})")
+          f"{len(config.destinations)} destination(s), data_dir {config.node.data_dir}, {ports})")
     return 0
+
+
+def _next_attempt(item) -> str | None:
+    """When a pending job or delivery is tried next (its run_after); None otherwise."""
+    return item.run_after.isoformat() if item.state == "pending" and item.run_after else None
 
 
 def _job_summary(job) -> dict:
@@ -68,15 +85,18 @@ def _job_summary(job) -> dict:
         "created_at": job.created_at.isoformat() if job.created_at else None,
         "updated_at": job.updated_at.isoformat() if job.updated_at else None,
         "result_sop_instance_uid": job.result_sop_instance_uid,
+        "next_attempt_at": _next_attempt(job),
         "deliveries": [
-            {"destination": d.destination, "state": d.state, "attempts": d.attempts, "error": d.error}
+            {"destination": d.destination, "state": d.state, "attempts": d.attempts, "error": d.error,
+             "next_attempt_at": _next_attempt(d)}
             for d in job.deliveries
         ],
     }
 
 
 def cmd_jobs(args) -> int:
-    queue = _queue(_load(args))
+    config = _load(args)
+    queue = _queue(config)
     if args.jobs_command == "list":
         jobs = queue.list_jobs(state=args.state, limit=args.limit)
         if args.json:
@@ -105,12 +125,33 @@ def cmd_jobs(args) -> int:
         print(json.dumps(_job_summary(job), indent=2))
         return 0
     if args.jobs_command == "retry":
-        if not queue.retry_job(args.job_id):
-            print(f"job {args.job_id}: nothing to retry (unknown, or not failed)", file=sys.stderr)
-            return 1
-        print(f"job {args.job_id}: queued again")
-        return 0
+        return _retry(queue, config, args.job_id, now=args.now)
     raise AssertionError(args.jobs_command)
+
+
+def _retry(queue, config, job_id: int, *, now: bool) -> int:
+    from dicom_node.ops.runlock import running_node_pid
+
+    requeued = queue.retry_job(job_id)
+    hurried = queue.run_job_now(job_id) if now else 0
+    if requeued:
+        print(f"job {job_id}: queued again")
+    elif hurried:
+        print(f"job {job_id}: pending work due now")
+    else:
+        job = queue.get_job(job_id)
+        waiting = [] if job is None else [d for d in job.deliveries if d.state == "pending"]
+        if waiting:
+            first = min(waiting, key=lambda d: d.run_after)
+            print(f"job {job_id}: nothing failed; next delivery attempt at {first.run_after.isoformat()} "
+                  "(--now sends it at once)", file=sys.stderr)
+        else:
+            print(f"job {job_id}: nothing to retry (unknown, or not failed)", file=sys.stderr)
+        return 1
+    if running_node_pid(config.node.data_dir) is None:
+        print(f"no dicom-node is running on {config.node.data_dir}: the job is queued, but nothing "
+              "sends it until a node runs (dicom-node serve)")
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -247,12 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-node",
         description="An AI node for mammography that speaks DICOM. Not a medical device.",
+        epilog=f"--config may come before or after the command. Environment: {CONFIG_ENV}=PATH "
+               "names the node config when --config is not given.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p):
-        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"node config TOML (default {DEFAULT_CONFIG})")
+        # SUPPRESS: a level where --config is not given leaves what another level set;
+        # main() fills in the default once all levels are parsed.
+        p.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH", help=CONFIG_HELP)
         return p
+
+    with_config(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
 
     with_config(sub.add_parser("serve", help="run the node in the foreground")).set_defaults(func=cmd_serve)
     with_config(sub.add_parser("check-config", help="validate the config and load the detector")).set_defaults(
@@ -264,12 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = with_config(sub.add_parser("jobs", help="inspect and retry analysis jobs"))
     jobs.set_defaults(func=cmd_jobs)
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
-    listing = jobs_sub.add_parser("list")
-    listing.add_argument("--state", choices=["pending", "running", "done", "failed"])
+    listing = with_config(jobs_sub.add_parser("list", help="the newest jobs with their delivery states"))
+    listing.add_argument("--state", choices=["pending", "running", "done", "failed"],
+                         help="only jobs in this state (failed: also done jobs with a failed delivery)")
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--json", action="store_true")
-    jobs_sub.add_parser("show").add_argument("job_id", type=int)
-    jobs_sub.add_parser("retry").add_argument("job_id", type=int)
+    with_config(jobs_sub.add_parser("show", help="one job as JSON")).add_argument("job_id", type=int)
+    retry = with_config(jobs_sub.add_parser("retry", help="retry a failed job or its failed deliveries"))
+    retry.add_argument("job_id", type=int)
+    retry.add_argument("--now", action="store_true",
+                       help="also send its pending deliveries at once instead of after their backoff")
 
     purge = with_config(sub.add_parser("purge", help="remove studies delivered longer ago than DURATION"))
     purge.add_argument("--older-than", required=True, metavar="DURATION",
@@ -340,6 +391,8 @@ def report_failure(error: NodeError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = os.environ.get(CONFIG_ENV) or FALLBACK_CONFIG
     try:
         return args.func(args)
     except NodeError as error:

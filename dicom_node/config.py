@@ -250,13 +250,17 @@ class DeliveryConfig(_Section):
 
 
 class HealthConfig(_Section):
-    """The HTTP health endpoint (GET /health), off by default."""
+    """What counts as healthy (GET /health and `dicom-node status`); the HTTP endpoint is off by default."""
 
     enabled: bool = False
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080  # 0: pick a free port (tests)
     # Degraded (HTTP 503) when the oldest pending job has waited longer than this.
     max_pending_age_seconds: Annotated[float, Field(gt=0)] = 1800.0
+    # ... when the oldest pending delivery (a result not yet sent) has waited longer than this.
+    max_pending_delivery_age_seconds: Annotated[float, Field(gt=0)] = 1800.0
+    # ... when a C-STORE was refused (disk space, bad dataset...) within this many seconds.
+    refusal_window_seconds: Annotated[float, Field(gt=0)] = 300.0
 
 
 class RetentionConfig(_Section):

@@ -245,9 +245,12 @@ class Node:
 
     def run(self) -> int:
         from dicom_node.deliver.runner import run_deliveries
-        from dicom_node.ops.health import start_health_server
+        from dicom_node.ops.health import liveness, start_health_server
+        from dicom_node.ops.preflight import check_data_dir
         from dicom_node.ops.retention import run_retention
         from dicom_node.ops.runlock import RunLock
+        from dicom_node.ops.state import StateWriter
+        from dicom_node.ops.status import start_line
         from dicom_node.queue.ops import Queue
         from dicom_node.receive import start_scp
         from dicom_node.receive.access import check_access_config
@@ -255,7 +258,7 @@ class Node:
         from dicom_node.tls import check_tls
 
         config = self.config
-        config.node.data_dir.mkdir(parents=True, exist_ok=True)
+        check_data_dir(config.node.data_dir)  # created and writable, or a config error naming it
         run_lock = RunLock(config.node.data_dir).acquire()  # one node per data_dir; read by `status`
         check_tls(config)  # a missing or bad TLS file stops the node before any worker starts
         check_access_config(config)
@@ -290,7 +293,13 @@ class Node:
         ]
         for thread in threads:
             thread.start()
+        # What `dicom-node status` (another process) cannot see: SCP, workers, recent refusals.
+        state = StateWriter(
+            config.node.data_dir, lambda: liveness(config, scp=self.server, pool=pool),
+            listening={"ae_title": config.node.ae_title, "host": config.node.host, "port": self.port},
+        ).start()
         log.info("node_ready", ae_title=config.node.ae_title, host=config.node.host, port=self.port)
+        print(start_line(config, self.port), flush=True)  # for the person who started it (stdout)
         sd_notify("READY=1")
         self._wait_for_stop()
 
@@ -302,6 +311,7 @@ class Node:
         pool.stop()
         if health:
             health.stop()
+        state.stop()
         run_lock.release()
         log.info("node_stopped")
         return 0

@@ -64,6 +64,43 @@ class Removed:
     bytes: int = 0  # their size
     skipped: list[str] = field(default_factory=list)  # paths outside instances/ and results/
 
+def free_bytes(path: Path) -> int:
+    """Bytes still writable on the filesystem holding ``path`` (``statvfs``: a cheap syscall).
+
+    ``f_bavail`` leaves out the blocks reserved for root, so the answer is the
+    same whichever user the node runs as.
+    """
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def write_file_atomically(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Replace ``path`` with ``data``: a reader sees the old content or the new, never a part.
+
+    Written to a temp file beside ``path`` (same filesystem), then renamed over it.
+    ``fsync=False`` for files that only describe the present (a state file rewritten
+    every few seconds): a power loss may then leave the old content, never a torn one.
+    """
+    path = Path(path)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    if fsync:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
 
 class InstanceStore:
     """The node's files under ``data_dir``; see the module docstring for the layout."""
@@ -164,13 +201,8 @@ class InstanceStore:
         return final
 
     def free_bytes(self) -> int:
-        """Bytes still writable on data_dir's filesystem (``statvfs``: a cheap syscall).
-
-        ``f_bavail`` leaves out the blocks reserved for root, so the answer is the
-        same whichever user the node runs as.
-        """
-        stats = os.statvfs(self.data_dir)
-        return stats.f_bavail * stats.f_frsize
+        """Bytes still writable on data_dir's filesystem (see `free_bytes`)."""
+        return free_bytes(self.data_dir)
 
     def unreserved_free_bytes(self) -> int:
         """Free bytes minus what associations of this process have reserved to write."""

@@ -1,8 +1,14 @@
 """The CLI's edges: bad config gives one line naming the key and exit 2, never a traceback."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from dicom_node.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,3 +86,120 @@ def test_purge_on_an_empty_data_dir_has_nothing_to_remove(tmp_path):
     result = run_cli("purge", "--older-than", "0s", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert result.stdout == "nothing to remove\n"
+
+
+# --- where operators put --config, and what they are told --------------------------------
+
+
+def node_config(tmp_path, text: str = "") -> Path:
+    config = tmp_path / "node.toml"
+    config.write_text(f"[node]\ndata_dir = 'data'\n[logging]\nlevel = 'warning'\n{text}")
+    return config
+
+
+def failed_job(config: Path) -> int:
+    """A job that failed for good, in the node's queue (no node running)."""
+    from datetime import datetime, timezone
+
+    from dicom_node.config import load_config
+    from dicom_node.queue import Queue
+
+    queue = Queue(load_config(config).database_url)
+    queue.migrate()
+    try:
+        now = datetime.now(timezone.utc)
+        queue.record_instance(sop_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
+                              study_uid="1.2.3", series_uid="1.2.3.1", path="/nowhere.dcm",
+                              transfer_syntax="1.2.840.10008.1.2.1", calling_ae="MODALITY", size_bytes=1, now=now)  # fmt: skip
+        (job_id,) = queue.enqueue_ready_studies(stable_seconds=0, now=now)
+        queue.claim_next_job(worker="w", lease_seconds=60, now=now)
+        queue.fail_job(job_id, worker="w", error="boom", retryable=False, backoff_seconds=1, max_attempts=1)
+        return job_id
+    finally:
+        queue.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["jobs", "list", "--config", "{config}"],
+        ["jobs", "--config", "{config}", "list"],
+        ["--config", "{config}", "jobs", "list"],
+        ["jobs", "show", "{job}", "--config", "{config}"],
+        ["jobs", "retry", "{job}", "--config", "{config}"],
+        ["status", "--config", "{config}"],
+        ["--config", "{config}", "status"],
+    ],
+)
+def test_config_is_accepted_before_and_after_the_command_at_every_level(tmp_path, capsys, argv):
+    config = node_config(tmp_path)
+    job = failed_job(config)
+    assert main([a.format(config=config, job=job) for a in argv]) == 0, capsys.readouterr().err
+    assert "config error" not in capsys.readouterr().err
+
+
+def test_the_config_can_come_from_the_environment_and_help_says_so(tmp_path, monkeypatch):
+    config = node_config(tmp_path)
+    job = failed_job(config)
+    monkeypatch.chdir(tmp_path / "data")  # not where config/dicom-node.toml is
+    result = subprocess.run([sys.executable, "-m", "dicom_node", "jobs", "show", str(job)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "DICOM_NODE_CONFIG": str(config),
+                                                         "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["id"] == job
+    for command in ([], ["status"], ["jobs", "list"]):
+        helped = subprocess.run([sys.executable, "-m", "dicom_node", *command, "--help"], capture_output=True,
+                                text=True, timeout=120, cwd=REPO)  # fmt: skip
+        assert "$DICOM_NODE_CONFIG" in " ".join(helped.stdout.split()), helped.stdout
+
+
+def test_retry_says_that_nothing_sends_the_job_while_no_node_runs(tmp_path, capsys):
+    config = node_config(tmp_path)
+    job = failed_job(config)
+    assert main(["jobs", "retry", str(job), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"job {job}: queued again" in out
+    assert (f"no dicom-node is running on {tmp_path / 'data'}: the job is queued, but nothing sends it "
+            "until a node runs (dicom-node serve)") in out  # fmt: skip
+
+
+def test_check_config_and_serve_name_a_data_dir_that_cannot_be_created_or_written(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    # /proc exists and refuses new files even to root; a path under a file cannot be created.
+    for data_dir, message in ((blocker / "data", f"node.data_dir: cannot create {blocker / 'data'} (Not a directory)"),
+                              ("/proc", "node.data_dir: /proc is not writable (")):  # fmt: skip
+        config = node_config(tmp_path)
+        config.write_text(config.read_text().replace("data_dir = 'data'", f"data_dir = {str(data_dir)!r}"))
+        for command in ("check-config", "serve"):
+            result = run_cli(command, "--config", str(config))
+            assert result.returncode == 2, (command, result.stderr)
+            assert result.stderr.startswith(f"config error: {message}"), (command, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_check_config_names_a_port_in_use(tmp_path):
+    import socket
+
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text('{"label": "TEST DOUBLE", "boxes": []}')
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        for section, key in (("node", "node.port"), ("health", "health.port")):
+            other = "[health]\nenabled = true\nhost = '127.0.0.1'\nport = 0\n" if section == "node" else \
+                f"[health]\nenabled = true\nhost = '127.0.0.1'\nport = {port}\n"
+            node_port = port if section == "node" else 0
+            config = tmp_path / f"{section}.toml"
+            config.write_text(
+                f"[node]\nhost = '127.0.0.1'\nport = {node_port}\ndata_dir = 'data'\n"
+                "[security]\nallow_any_caller = true\n"
+                f"[detector]\narchitecture = 'fixed_boxes'\nweights = '{boxes}'\n{other}"
+            )
+            result = run_cli("check-config", "--config", str(config))
+            assert result.returncode == 2, result.stdout + result.stderr
+            assert result.stderr.splitlines()[-1] == (
+                f"config error: {key}: port {port} on 127.0.0.1 is in use by another program")
+            assert "Traceback" not in result.stderr
+    free = run_cli("check-config", "--config", str(config))  # the port is free again
+    assert free.returncode == 0, free.stderr
+    assert free.stdout.strip().endswith("ports free)")

@@ -663,6 +663,22 @@ class Queue:
             delivery = conn.execute(_requeue(deliveries, now=now).where(deliveries.c.job_id == job_id))
             return job.rowcount + delivery.rowcount > 0
 
+    def run_job_now(self, job_id: int, *, now: datetime | None = None) -> int:
+        """Make the job (if pending) and its pending deliveries due now, skipping their backoff.
+
+        Returns how many rows were moved forward (0 for an unknown id or nothing pending).
+        """
+        now = now or utcnow()
+        with self._write() as conn:
+            return sum(
+                conn.execute(
+                    update(table)
+                    .where(id_column == job_id, table.c.state == State.PENDING, table.c.run_after > now)
+                    .values(run_after=now, updated_at=now)
+                ).rowcount
+                for table, id_column in ((jobs, jobs.c.id), (deliveries, deliveries.c.job_id))
+            )
+
     def get_job(self, job_id: int) -> Job | None:
         """One job with its deliveries, or None."""
         with self._read() as conn:
@@ -671,9 +687,20 @@ class Queue:
         return found[0] if found else None
 
     def list_jobs(self, *, state: str | None = None, limit: int = 50) -> list[Job]:
-        """The newest jobs (optionally in one state), each with its deliveries."""
+        """The newest jobs (optionally in one state), each with its deliveries.
+
+        ``state="failed"`` also lists done jobs with a failed delivery: for an operator
+        the study failed either way (its result did not reach a destination).
+        """
         stmt = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
-        if state is not None:
+        if state == State.FAILED:
+            failed_delivery = (
+                select(deliveries.c.id)
+                .where(deliveries.c.job_id == jobs.c.id, deliveries.c.state == State.FAILED)
+                .exists()
+            )
+            stmt = stmt.where(or_(jobs.c.state == State.FAILED, failed_delivery))
+        elif state is not None:
             stmt = stmt.where(jobs.c.state == State(state))
         with self._read() as conn:
             return _jobs_with_deliveries(conn, conn.execute(stmt).all())
@@ -834,3 +861,49 @@ class Queue:
             "oldest_pending_job_age_seconds": None if oldest is None else (now - oldest).total_seconds(),
             "last_errors": errors,
         }
+
+    def delivery_stats(self, *, now: datetime | None = None) -> dict:
+        """Are results reaching their destinations? For health and status.
+
+        - "failed": deliveries failed for good (attempts spent, or a permanent refusal);
+        - "retrying": deliveries pending (or running again) after a failed attempt;
+        - "latest_failed", "latest_retrying": the newest of each, as {"job_id",
+          "destination", "error", "at"} (None when there is none);
+        - "oldest_pending_age_seconds": the age of the oldest pending delivery;
+        - "next_attempt": the pending delivery due first, {"job_id", "destination", "at"}.
+        """
+        now = now or utcnow()
+        waiting = deliveries.c.state.in_([State.PENDING, State.RUNNING])
+        retrying = and_(waiting, deliveries.c.error.is_not(None))
+        failed = deliveries.c.state == State.FAILED
+        pending = deliveries.c.state == State.PENDING
+
+        def latest(conn: Connection, where) -> dict | None:
+            row = conn.execute(
+                select(deliveries.c.job_id, deliveries.c.destination, deliveries.c.error,
+                       deliveries.c.updated_at.label("at"))
+                .where(where)
+                .order_by(deliveries.c.updated_at.desc(), deliveries.c.id.desc())
+                .limit(1)
+            ).one_or_none()
+            return None if row is None else dict(row._mapping)
+
+        def count(conn: Connection, where) -> int:
+            return conn.scalar(select(func.count()).select_from(deliveries).where(where))
+
+        with self._read() as conn:
+            oldest = conn.scalar(select(func.min(deliveries.c.created_at)).where(pending))
+            due_first = conn.execute(
+                select(deliveries.c.job_id, deliveries.c.destination, deliveries.c.run_after.label("at"))
+                .where(pending)
+                .order_by(deliveries.c.run_after, deliveries.c.id)
+                .limit(1)
+            ).one_or_none()
+            return {
+                "failed": count(conn, failed),
+                "retrying": count(conn, retrying),
+                "latest_failed": latest(conn, failed),
+                "latest_retrying": latest(conn, retrying),
+                "oldest_pending_age_seconds": None if oldest is None else (now - oldest).total_seconds(),
+                "next_attempt": None if due_first is None else dict(due_first._mapping),
+            }

@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dicom_node.config import Architecture, read_toml, validate_model
+from dicom_node.errors import ConfigError
 
 # The loss each detector family trains with (fixed by the torchvision heads).
 LOSS_BY_FAMILY = {"retinanet": "focal", "faster_rcnn": "cross_entropy"}
@@ -172,9 +173,33 @@ def _resolve(config: TrainConfig, base: Path) -> TrainConfig:
     )
 
 
+# The installed dicom_node package (its demo weights included): never a training output.
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _refuse_package_outputs(config: TrainConfig, source: str) -> TrainConfig:
+    """ConfigError when the run would write into the package, e.g. over the demo weights.
+
+    Training writes checkpoints and exports where the config says; a config that points
+    into the package (as the demo config once did) would silently replace the shipped
+    demo weights. The demo builder installs new ones explicitly (`train.demo --install`).
+    """
+    for key, path in (("output_dir", config.output_dir), ("export", config.export_path)):
+        if path.resolve().is_relative_to(PACKAGE_DIR):
+            raise ConfigError(
+                f"{source}: {key}: {path} is inside the dicom_node package ({PACKAGE_DIR}); training "
+                "never writes there (it would replace the packaged demo weights): choose a folder "
+                "such as runs/<name>/"
+            )
+    return config
+
+
 def parse_train_config(data: dict, *, base_dir: Path, source: str = "train config") -> TrainConfig:
-    """Validate a training config mapping; relative paths resolve against ``base_dir``."""
-    return _resolve(validate_model(TrainConfig, data, source=source), base_dir)
+    """Validate a training config mapping; relative paths resolve against ``base_dir``.
+
+    Outputs inside the dicom_node package are refused (see `_refuse_package_outputs`).
+    """
+    return _refuse_package_outputs(_resolve(validate_model(TrainConfig, data, source=source), base_dir), source)
 
 
 def load_train_config(path: str | Path, *, overrides: dict | None = None) -> TrainConfig:

@@ -11,7 +11,10 @@
    config's ``export``, float16, with the DEMO label);
 3. evaluates the exported file through the node's own path (``load_detector``,
    ``prepare``) on each held-out set with ``dicom_node.evaluate``, writing the reports
-   under ``<output_dir>/<set>/`` and the summaries to ``<output_dir>/heldout_summary.json``.
+   under ``<output_dir>/<set>/`` and the summaries to ``<output_dir>/heldout_summary.json``;
+4. with ``--install`` (what the script passes), copies the exported file over the packaged
+   ``dicom_node/weights/demo_retinanet_r18_fpn.pt``. Training itself never writes into
+   the package (dicom_node.train.config refuses such outputs).
 
 The demo weights find SYNTHETIC phantom masses only. They are not for clinical use.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -86,7 +90,39 @@ def evaluate_heldout(weights: Path, architecture: str, annotations: Path, out_di
     return result["summary"]
 
 
-def build(config_path: Path, *, train_only: bool = False, evaluate_only: bool = False) -> dict:
+DEMO_ARCHITECTURE = "retinanet_r18_fpn"
+
+
+def install_demo_weights(source: Path, target: Path | None = None) -> Path:
+    """Copy the demo checkpoint `source` over the packaged demo weights (atomically).
+
+    Only a checkpoint of the demo architecture whose label says DEMO WEIGHTS is taken:
+    whatever the package ships as "demo" must be recognisable as such.
+    """
+    import torch
+
+    from dicom_node.analyse.weights import DEMO_WEIGHTS_FILE
+    from dicom_node.store import write_file_atomically
+
+    target = DEMO_WEIGHTS_FILE if target is None else target
+    try:
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:  # missing, or not a torch file
+        raise ConfigError(f"{source}: cannot read the checkpoint to install ({error})") from None
+    if not isinstance(checkpoint, dict):
+        checkpoint = {}
+    if checkpoint.get("architecture") != DEMO_ARCHITECTURE or "DEMO WEIGHTS" not in str(checkpoint.get("label")):
+        raise ConfigError(
+            f"{source}: not demo weights ({checkpoint.get('architecture')}, label {checkpoint.get('label')!r}); "
+            f"the package ships only a {DEMO_ARCHITECTURE} checkpoint labelled DEMO WEIGHTS"
+        )
+    write_file_atomically(target, source.read_bytes())
+    log.info("demo_weights_installed", source=str(source), target=str(target))
+    return target
+
+
+def build(config_path: Path, *, train_only: bool = False, evaluate_only: bool = False,
+          install: bool = False) -> dict:
     """Phantoms, training and held-out evaluation for the demo config; returns the held-out summaries."""
     from dicom_node.train.config import load_train_config
     from dicom_node.train.loop import train
@@ -103,6 +139,8 @@ def build(config_path: Path, *, train_only: bool = False, evaluate_only: bool = 
         log.info("demo_trained", weights=str(weights), minutes=round((time.monotonic() - started) / 60, 1))
     weights = cfg.export_path
     if train_only:
+        if install:
+            install_demo_weights(weights)
         return {}
     summaries = {"weights": str(weights), "file_bytes": weights.stat().st_size}
     for name, spec in HELDOUT.items():
@@ -113,6 +151,8 @@ def build(config_path: Path, *, train_only: bool = False, evaluate_only: bool = 
                  froc=summary["froc"]["sensitivities"])
     (cfg.output_dir / "heldout_summary.json").write_text(
         json.dumps(summaries, indent=2, default=str) + "\n", encoding="utf-8")
+    if install:
+        summaries["installed"] = str(install_demo_weights(weights))
     return summaries
 
 
@@ -122,10 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--train-only", action="store_true", help="skip the held-out evaluation")
     group.add_argument("--evaluate-only", action="store_true", help="evaluate the exported weights only")
+    parser.add_argument("--install", action="store_true",
+                        help="then copy the exported weights over the packaged demo weights")
     args = parser.parse_args(argv)
     configure_logging("info", "console")
     try:
-        summary = build(Path(args.config), train_only=args.train_only, evaluate_only=args.evaluate_only)
+        summary = build(Path(args.config), train_only=args.train_only, evaluate_only=args.evaluate_only,
+                        install=args.install)
     except NodeError as error:
         return report_failure(error)
     for name in HELDOUT:

@@ -18,9 +18,17 @@ import pytest
 from dicom_node.cli import main
 from dicom_node.config import parse_config
 from dicom_node.errors import ConfigError
-from dicom_node.ops.health import MAX_ERROR_CHARS, HealthServer, health_report, start_health_server
+from dicom_node.ops.health import (
+    MAX_ERROR_CHARS,
+    HealthLimits,
+    HealthServer,
+    Liveness,
+    health_report,
+    start_health_server,
+)
 from dicom_node.ops.runlock import RunLock, running_node_pid
 from dicom_node.queue import Queue
+from dicom_node.receive.activity import ReceiveActivity
 from tests.queue.queue_helpers import T0, new_uid, record
 
 THRESHOLD = 1800.0
@@ -41,10 +49,14 @@ def pending_job(queue: Queue) -> int:
     return job_id
 
 
-def report(stats, **overrides):
-    arguments = dict(stats=stats, scp_listening=True, workers_alive=1, workers_expected=1,
-                     max_pending_age_seconds=THRESHOLD) | overrides  # fmt: skip
-    return health_report(**arguments)
+LIMITS = HealthLimits(max_pending_age_seconds=THRESHOLD, max_pending_delivery_age_seconds=THRESHOLD,
+                      refusal_window_seconds=300, min_free_bytes=1024 * 1024 * 1024)  # fmt: skip
+
+
+def report(stats, *, stats_error=None, deliveries=None, free_bytes=None, live_error=None, **live):
+    alive = Liveness(**({"scp_listening": True, "workers_alive": 1, "workers_expected": 1} | live))
+    return health_report(stats=stats, live=None if live_error else alive, limits=LIMITS, deliveries=deliveries,
+                         free_bytes=free_bytes, stats_error=stats_error, live_error=live_error)  # fmt: skip
 
 
 def test_healthy_node_reports_ok_with_queue_depth_and_age(queue):
@@ -76,6 +88,73 @@ def test_degraded_conditions_answer_503(queue, overrides, age_seconds, problem):
     assert status == 503
     assert body["status"] == "degraded"
     assert body["problems"] == [problem]
+
+
+def done_job(queue: Queue, destination: str = "pacs", *, now=T0 + timedelta(seconds=20)) -> int:
+    job_id = pending_job(queue)
+    queue.claim_next_job(worker="w1", lease_seconds=60, now=now)
+    queue.complete_job(job_id, worker="w1", result_path="/r.dcm", result_sop_instance_uid=new_uid(),
+                       detections=0, destinations=[destination], now=now)  # fmt: skip
+    return job_id
+
+
+def failed_delivery(queue: Queue, *, error: str, retryable: bool, now=T0 + timedelta(seconds=20)) -> None:
+    delivery = queue.claim_next_delivery(worker="d", lease_seconds=60, now=now)
+    queue.fail_delivery(delivery.id, error=error, retryable=retryable, backoff_seconds=30,
+                        max_backoff_seconds=30, max_attempts=5, now=now)  # fmt: skip
+
+
+MB = 1024 * 1024
+
+
+def test_each_degraded_condition_is_one_problem_line(queue):
+    """Refusals, low disk, failed and retried deliveries, an old delivery, missing files."""
+    refused_job = done_job(queue, "pacs")
+    failed_delivery(queue, error="PACS rejected the association (Rejected Permanent)", retryable=False)
+    done_job(queue, "archive")
+    failed_delivery(queue, error="cannot connect to archive (127.0.0.1:4242): Connection refused",
+                    retryable=True, now=T0 + timedelta(seconds=25))  # fmt: skip
+    [instance] = [uid for uid, _ in queue.instance_paths()][:1]
+    queue.set_missing_instances([instance], now=T0)
+    now = T0 + timedelta(seconds=THRESHOLD + 100)
+
+    status, body = report(
+        queue.stats(now=now), deliveries=queue.delivery_stats(now=now), free_bytes=100 * MB,
+        refused_recently=3, last_refusal_reason="disk space low: 100 MB free, node.min_free_megabytes is 1024",
+    )  # fmt: skip
+
+    assert status == 503 and body["status"] == "degraded"
+    assert body["problems"] == [
+        "3 C-STOREs refused in the last 300 s (last: disk space low: 100 MB free, node.min_free_megabytes is 1024)",
+        ("free space on node.data_dir is 100 MB, below node.min_free_megabytes (1024): "
+         "C-STOREs are refused with Out of Resources"),
+        (f"1 delivery failed (latest: job {refused_job} to pacs: PACS rejected the association "
+         "(Rejected Permanent)); once the destination is fixed: dicom-node jobs retry ID"),
+        (f"1 delivery is failing and being retried (latest: job {refused_job + 1} to archive: cannot connect "
+         "to archive (127.0.0.1:4242): Connection refused)"),
+        (f"the oldest pending delivery has waited {THRESHOLD + 80:.0f} s "
+         "(health.max_pending_delivery_age_seconds is 1800)"),
+        (f"1 stored instance has no file since the last start (first: {instance} at "
+         f"{queue.stats()['missing_instances'][0]['path']}); restore the files, then restart the node"),
+    ]
+    assert body["c_stores_refused"]["count"] == 3 and body["free_megabytes"] == 100
+    assert body["delivery"]["failed"] == 1 and body["delivery"]["retrying"] == 1
+    json.dumps(body)  # plain JSON
+
+
+def test_healthy_disk_and_deliveries_are_ok(queue):
+    done_job(queue)
+    delivery = queue.claim_next_delivery(worker="d", lease_seconds=60, now=T0 + timedelta(seconds=20))
+    queue.complete_delivery(delivery.id, now=T0 + timedelta(seconds=20))
+    now = T0 + timedelta(seconds=60)
+    status, body = report(queue.stats(now=now), deliveries=queue.delivery_stats(now=now), free_bytes=2048 * MB)
+    assert (status, body["problems"]) == (200, [])
+
+
+def test_unknown_liveness_is_one_problem(queue):
+    status, body = report(queue.stats(), live_error="no dicom-node is running on /data")
+    assert (status, body["problems"]) == (503, ["no dicom-node is running on /data"])
+    assert body["workers"] is None and body["scp_listening"] is None
 
 
 def test_pending_job_just_under_the_threshold_is_ok(queue):
@@ -127,7 +206,8 @@ def test_health_server_answers_with_the_probe():
 
 
 def _config(tmp_path, **health):
-    return parse_config({"health": health, "workers": {"count": 2}}, base_dir=tmp_path)
+    return parse_config({"health": health, "workers": {"count": 2},
+                         "node": {"data_dir": str(tmp_path), "min_free_megabytes": 0}}, base_dir=tmp_path)  # fmt: skip
 
 
 def test_start_health_server_is_off_by_default(tmp_path, queue):
@@ -144,19 +224,23 @@ class _Worker:
 
 def test_start_health_server_reports_scp_and_workers(tmp_path, queue):
     listener = socket.create_server(("127.0.0.1", 0))
-    scp = SimpleNamespace(socket=listener)
+    scp = SimpleNamespace(socket=listener, activity=ReceiveActivity())
     pool = SimpleNamespace(processes={"worker-1": _Worker(True), "worker-2": _Worker(False)})
     server = start_health_server(_config(tmp_path, enabled=True, port=0), queue=queue, scp=scp, pool=pool)
     url = f"http://127.0.0.1:{server.port}/health"
     try:
         status, body = get(url)
-        assert status == 200
+        assert status == 200, body
         assert body["workers"] == {"alive": 1, "expected": 2} and body["scp_listening"] is True
         pool.processes["worker-1"].alive = False
         listener.close()
+        scp.activity.record_refused(0xA700, "disk space low: 3 MB free, node.min_free_megabytes is 1024")
         status, body = get(url)
         assert status == 503
-        assert body["problems"] == ["the DICOM SCP is not listening", "no worker process is alive"]
+        assert body["problems"] == [
+            "the DICOM SCP is not listening", "no worker process is alive",
+            "1 C-STORE refused in the last 300 s (last: disk space low: 3 MB free, node.min_free_megabytes is 1024)",
+        ]
     finally:
         server.stop()
         listener.close()

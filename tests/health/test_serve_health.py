@@ -90,7 +90,9 @@ def test_serve_answers_health_and_status_reports_it(tmp_path):
         result = status_cli(report_config, "--json")
         assert result.returncode == 0, result.stderr
         report = json.loads(result.stdout)
-        assert report["node"] == {"running": True, "pid": node.process.pid, "data_dir": str(tmp_path / "data")}
+        assert report["node"] | {"state_age_seconds": 0} == {
+            "running": True, "pid": node.process.pid, "data_dir": str(tmp_path / "data"), "state_age_seconds": 0,
+            "listening": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": node.port}}  # fmt: skip
         assert report["jobs"]["done"] == 1 and report["queue_depth"] == 0
         assert report["health"]["status"] == "ok"
         text = status_cli(report_config).stdout
@@ -110,4 +112,5 @@ def test_serve_answers_health_and_status_reports_it(tmp_path):
     assert exit_status == 0
     after = json.loads(status_cli(config, "--json").stdout)
     assert after["node"]["running"] is False
-    assert "health" not in after  # nothing to ask when the node is not running
+    assert after["health"]["problems"] == [f"no dicom-node is running on {tmp_path / 'data'}"]
+    assert not (tmp_path / "data" / "node-state.json").exists()  # removed at stop

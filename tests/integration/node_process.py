@@ -45,9 +45,11 @@ def open_to_any_caller(sections: dict) -> dict:
 def write_config(path: Path, sections: dict, destinations: list[dict] = ()) -> Path:
     """Write a node config TOML from {section: {key: value}} and a destinations list.
 
-    The node accepts any caller unless ``sections["security"]`` lists allowed callers.
+    The node accepts any caller unless ``sections["security"]`` lists allowed callers, and
+    keeps what it delivered unless the test configures ``[retention]`` (a test node must not
+    purge studies because the CI disk happens to be short of space).
     """
-    sections = open_to_any_caller(sections)
+    sections = {"retention": {"enabled": False}, **open_to_any_caller(sections)}
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")

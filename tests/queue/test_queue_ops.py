@@ -325,3 +325,71 @@ def test_stats_counts_states_oldest_pending_age_and_last_errors(queue):
     ]
     assert stats["last_errors"][1]["study_uid"] == queue.get_job(failed).study_uid
     assert len(queue.stats(last_errors=1)["last_errors"]) == 1
+
+
+# --- what operators see: failed deliveries, delivery health, retry now ----------------
+
+
+def done_job_with_deliveries(queue: Queue, destinations: list[str], *, now=T0) -> int:
+    job_id = ready_job(queue, now=now)
+    queue.claim_next_job(worker="w", lease_seconds=LEASE, now=now)
+    queue.complete_job(
+        job_id, worker="w", result_path="/r.dcm", result_sop_instance_uid=new_uid(),
+        detections=0, destinations=destinations, now=now,
+    )
+    return job_id
+
+
+def fail_next_delivery(queue: Queue, *, error: str, retryable: bool, now, backoff: float = 60) -> int:
+    delivery = queue.claim_next_delivery(worker="d", lease_seconds=LEASE, now=now)
+    queue.fail_delivery(
+        delivery.id, error=error, retryable=retryable, backoff_seconds=backoff,
+        max_backoff_seconds=backoff, max_attempts=5, now=now,
+    )
+    return delivery.id
+
+
+def test_list_jobs_failed_includes_done_jobs_whose_delivery_failed(queue):
+    failed_job = ready_job(queue)
+    queue.claim_next_job(worker="w", lease_seconds=LEASE, now=T0)
+    queue.fail_job(failed_job, worker="w", error="boom", retryable=False, backoff_seconds=1, max_attempts=1)
+    undelivered = done_job_with_deliveries(queue, ["pacs"])
+    fail_next_delivery(queue, error="rejected", retryable=False, now=T0)
+    done_job_with_deliveries(queue, ["pacs"])  # delivered: not in the failed list
+    queue.complete_delivery(queue.claim_next_delivery(worker="d", lease_seconds=LEASE, now=T0).id, now=T0)
+
+    assert [j.id for j in queue.list_jobs(state="failed")] == [undelivered, failed_job]
+    assert queue.get_job(undelivered).state == State.DONE
+
+
+def test_delivery_stats_say_what_failed_what_is_retried_and_what_comes_next(queue):
+    assert queue.delivery_stats(now=T0) == {
+        "failed": 0, "retrying": 0, "latest_failed": None, "latest_retrying": None,
+        "oldest_pending_age_seconds": None, "next_attempt": None,
+    }
+    refused = done_job_with_deliveries(queue, ["pacs"], now=T0)
+    fail_next_delivery(queue, error="rejected permanent", retryable=False, now=T0 + s(1))
+    down = done_job_with_deliveries(queue, ["archive"], now=T0 + s(2))
+    fail_next_delivery(queue, error="cannot connect", retryable=True, now=T0 + s(3), backoff=60)
+    waiting = done_job_with_deliveries(queue, ["viewer"], now=T0 + s(4))  # not tried yet
+
+    stats = queue.delivery_stats(now=T0 + s(10))
+    assert (stats["failed"], stats["retrying"]) == (1, 1)
+    assert stats["latest_failed"] == {"job_id": refused, "destination": "pacs", "error": "rejected permanent",
+                                      "at": T0 + s(1)}
+    assert stats["latest_retrying"] == {"job_id": down, "destination": "archive", "error": "cannot connect",
+                                        "at": T0 + s(3)}
+    assert stats["oldest_pending_age_seconds"] == 8  # created at T0 + 2 s
+    # Due first: the untried delivery (now), not the one backing off until T0 + 63 s.
+    assert stats["next_attempt"] == {"job_id": waiting, "destination": "viewer", "at": T0 + s(4)}
+
+
+def test_run_job_now_skips_the_backoff_of_pending_deliveries(queue):
+    job_id = done_job_with_deliveries(queue, ["pacs"])
+    fail_next_delivery(queue, error="cannot connect", retryable=True, now=T0, backoff=600)
+    assert queue.claim_next_delivery(worker="d", lease_seconds=LEASE, now=T0 + s(1)) is None  # backing off
+
+    assert queue.run_job_now(job_id, now=T0 + s(1)) == 1
+    assert queue.claim_next_delivery(worker="d", lease_seconds=LEASE, now=T0 + s(1)).job_id == job_id
+    assert queue.run_job_now(job_id, now=T0 + s(2)) == 0  # running now: nothing pending
+    assert queue.run_job_now(987654) == 0

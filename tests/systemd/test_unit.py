@@ -212,3 +212,23 @@ def test_exposure_check_can_fail(systemd_analyze, tmp_path):
     (stripped / "dicom-node.service").write_text(plain)
 
     assert exposure(systemd_analyze, stripped / "dicom-node.service") > MAX_EXPOSURE
+
+
+# --- systemd/README.md is copy-pasteable and says what the unit does -----------------------
+
+
+def test_readme_states_the_units_stop_timeout(service):
+    stop = seconds(setting(service, "TimeoutStopSec"))
+    text = " ".join(README.read_text().split())
+    stated = re.findall(r"up to (\d+) s to finish", text) + re.findall(r"After (\d+) s .{0,80}?is killed", text)
+    assert len(stated) >= 2, "README.md no longer says how long a stop may take"
+    assert {float(s) for s in stated} == {stop}, f"README.md says {stated} s, the unit TimeoutStopSec={stop:g}"
+
+
+def test_readme_install_steps_have_no_placeholder_url_and_name_the_python_version():
+    commands = "\n".join(readme_blocks("sh"))
+    assert "git clone" not in commands and "URL>" not in commands
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    minimum = setup["options"]["python_requires"].removeprefix(">=")
+    assert f"**Python {minimum}** or newer" in README.read_text()

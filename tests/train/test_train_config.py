@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from dicom_node.analyse.weights import DEMO_WEIGHTS_FILE
 from dicom_node.errors import ConfigError
 from dicom_node.train.config import load_train_config, parse_train_config
 
@@ -37,13 +40,46 @@ def test_study_configs_have_the_study_schedule(name):
     assert cfg.augment.gamma > 0 and cfg.augment.rotation_degrees > 0 and cfg.augment.horizontal_flip > 0
 
 
-def test_demo_config_exports_labelled_half_precision_weights_into_the_package():
+def test_demo_config_exports_labelled_half_precision_weights_outside_the_package():
     cfg = load_train_config(CONFIG_DIR / "demo_phantom.toml")
     assert cfg.model.architecture == "retinanet_r18_fpn"
     assert cfg.export_half
     assert cfg.export_path.name == "demo_retinanet_r18_fpn.pt"
-    assert cfg.export_path.parent.name == "weights"
+    assert cfg.export_path != DEMO_WEIGHTS_FILE
+    for path in (cfg.export_path, cfg.output_dir):
+        assert not path.resolve().is_relative_to(DEMO_WEIGHTS_FILE.parent.parent), path
     assert "DEMO WEIGHTS" in cfg.label and "not for clinical use" in cfg.label
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("export", str(DEMO_WEIGHTS_FILE)),  # the packaged demo weights themselves
+        ("export", "{package}/weights/other.pt"),
+        ("output_dir", "{package}/runs"),  # model_final.pt and checkpoints there
+    ],
+)
+def test_training_outputs_inside_the_package_are_refused(tmp_path, key, value):
+    value = value.format(package=DEMO_WEIGHTS_FILE.parent.parent)
+    with pytest.raises(ConfigError, match=rf"{key}: .* is inside the dicom_node package .*demo weights"):
+        parse_train_config(_minimal(**{key: value}), base_dir=tmp_path)
+
+
+def test_train_cli_refuses_to_overwrite_the_packaged_demo_weights(tmp_path):
+    before = DEMO_WEIGHTS_FILE.stat()
+    config = tmp_path / "demo.toml"
+    shipped = (CONFIG_DIR / "demo_phantom.toml").read_text()
+    # The demo config as it was: exporting onto the packaged file.
+    config.write_text(shipped.replace('export = "../../.data/demo/run/demo_retinanet_r18_fpn.pt"',
+                                      f"export = {str(DEMO_WEIGHTS_FILE)!r}"))  # fmt: skip
+    assert str(DEMO_WEIGHTS_FILE) in config.read_text()
+    result = subprocess.run([sys.executable, "-m", "dicom_node", "train", "--config", str(config)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"config error: {config}: export: {DEMO_WEIGHTS_FILE} is inside the dicom_node")
+    assert "Traceback" not in result.stderr
+    after = DEMO_WEIGHTS_FILE.stat()
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
 
 
 def test_unknown_key_is_named(tmp_path):

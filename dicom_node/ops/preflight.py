@@ -1,0 +1,57 @@
+"""Checks made before the node starts (`serve`) or instead of starting it (`check-config`).
+
+Each failure is a ConfigError naming the key, printed as one line by the CLI: an
+operator fixes the config or the machine, not the code.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import tempfile
+from pathlib import Path
+
+from dicom_node.config import Config
+from dicom_node.errors import ConfigError
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Create node.data_dir if needed and make sure this user can write files in it."""
+    data_dir = Path(data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"node.data_dir: cannot create {data_dir} ({error.strerror or error})") from None
+    try:
+        # Write a file rather than ask os.access: ACLs, read-only mounts and root all count.
+        with tempfile.TemporaryFile(dir=data_dir, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"node.data_dir: {data_dir} is not writable ({error.strerror or error})") from None
+
+
+def check_port_free(host: str, port: int, *, key: str) -> None:
+    """ConfigError naming `key` if nothing could listen on host:port now (0: any free port)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ConfigError(f"{key}: cannot resolve host {host!r} ({error.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As the servers do: a port whose last connections are in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError(f"{key}: port {port} on {host} is in use by another program") from None
+            raise ConfigError(f"{key}: cannot listen on {host}:{port} ({error.strerror or error})") from None
+
+
+def check_ports_free(config: Config) -> None:
+    """node.port on node.host, and health.port on health.host when the endpoint is enabled."""
+    check_port_free(config.node.host, config.node.port, key="node.port")
+    if config.health.enabled:
+        check_port_free(config.health.host, config.health.port, key="health.port")
