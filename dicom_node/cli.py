@@ -44,27 +44,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_check_config(args) -> int:
-    config = _load(args)
-    from dicom_node.ops.preflight import check_data_dir, check_ports_free
-    from dicom_node.ops.runlock import running_node_pid
+    from dicom_node.ops.preflight import check_config
 
-    check_data_dir(config.node.data_dir)
-    from dicom_node.analyse.detector import load_detector
-
-    load_detector(config.detector, device="cpu")
-    from dicom_node.receive.access import check_access_config
-    from dicom_node.tls import check_tls
-
-    check_tls(config)
-    check_access_config(config)
-    pid = running_node_pid(config.node.data_dir)
-    if pid is None:
-        check_ports_free(config)
-        ports = "ports free"
-    else:  # its own ports are taken by it
-        ports = f"ports not checked: a node runs on this data_dir (pid {pid or '?'})"
-    print(f"{args.config}: OK (architecture {config.detector.architecture}, "
-          f"{len(config.destinations)} destination(s), data_dir {config.node.data_dir}, {ports})")
+    print(check_config(_load(args), source=args.config))
     return 0
 
 

@@ -30,7 +30,8 @@ def test_unknown_key_is_one_line_naming_the_key(tmp_path):
 
 def test_missing_checkpoint_is_a_config_error_naming_file_and_architecture(tmp_path):
     config = tmp_path / "node.toml"
-    config.write_text("[detector]\narchitecture = 'retinanet_r50_fpn'\nweights = 'nowhere/model.pt'\n")
+    config.write_text("[security]\nallow_any_caller = true\n"
+                      "[detector]\narchitecture = 'retinanet_r50_fpn'\nweights = 'nowhere/model.pt'\n")
     result = run_cli("check-config", "--config", str(config))
     assert result.returncode == 2, result.stderr
     assert "nowhere/model.pt" in result.stderr
@@ -93,7 +94,8 @@ def test_purge_on_an_empty_data_dir_has_nothing_to_remove(tmp_path):
 
 def node_config(tmp_path, text: str = "") -> Path:
     config = tmp_path / "node.toml"
-    config.write_text(f"[node]\ndata_dir = 'data'\n[logging]\nlevel = 'warning'\n{text}")
+    config.write_text(f"[node]\ndata_dir = 'data'\n[security]\nallow_any_caller = true\n"
+                      f"[logging]\nlevel = 'warning'\n{text}")
     return config
 
 
@@ -203,3 +205,14 @@ def test_check_config_names_a_port_in_use(tmp_path):
     free = run_cli("check-config", "--config", str(config))  # the port is free again
     assert free.returncode == 0, free.stderr
     assert free.stdout.strip().endswith("ports free)")
+
+
+def test_serve_and_check_config_refuse_a_node_open_to_anyone_by_omission(tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text("[node]\nport = 0\ndata_dir = 'data'\n")
+    for command in ("serve", "check-config"):
+        result = run_cli(command, "--config", str(config))
+        assert result.returncode == 2, result.stderr
+        assert "config error: security.allowed_callers: empty, so nobody may send" in result.stderr
+        assert "security.allow_any_caller = true" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -55,3 +55,29 @@ def check_ports_free(config: Config) -> None:
     check_port_free(config.node.host, config.node.port, key="node.port")
     if config.health.enabled:
         check_port_free(config.health.host, config.health.port, key="health.port")
+
+
+def check_config(config: Config, *, source: str) -> str:
+    """Everything `serve` would check before listening, cheapest first; the summary line.
+
+    Raises ConfigError naming the first key at fault, in the order `serve` checks: the
+    data directory, TLS files, who may send, the ports (unless a node already runs on that
+    data_dir: then they are its own), and last the detector (it loads the checkpoint).
+    """
+    from dicom_node.analyse.detector import load_detector
+    from dicom_node.ops.runlock import running_node_pid
+    from dicom_node.receive.access import check_access_config
+    from dicom_node.tls import check_tls
+
+    check_data_dir(config.node.data_dir)
+    check_tls(config)
+    check_access_config(config)
+    pid = running_node_pid(config.node.data_dir)
+    if pid is None:
+        check_ports_free(config)
+        ports = "ports free"
+    else:
+        ports = f"ports not checked: a node runs on this data_dir (pid {pid or '?'})"
+    load_detector(config.detector, device="cpu")
+    return (f"{source}: OK (architecture {config.detector.architecture}, "
+            f"{len(config.destinations)} destination(s), data_dir {config.node.data_dir}, {ports})")

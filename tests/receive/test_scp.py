@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import socket
+from pathlib import Path
 
 import numpy as np
 import pydicom.config
@@ -447,3 +448,21 @@ def test_refused_image_types_are_logged_with_sop_class_and_caller(node, log_outp
     (refused,) = [e for e in events if e["event"] == "instance_refused"]
     assert refused["sop_class_uid"] == SecondaryCaptureImageStorage and "Modality CT" in refused["reason"]
     assert refused["calling_ae"] == SENDER_AE
+
+
+def test_a_file_removed_between_its_rename_and_its_row_is_written_again(node, monkeypatch):
+    """Retention may remove a delivered study's files in the moment between persist_instance
+    finding an instance's file already there (a resend) and the new row's commit; the row is
+    then the only record of an acknowledged instance, so its file must exist again."""
+    record = node.queue.record_instance
+
+    def purge_then_record(**row):
+        Path(row["path"]).unlink()  # what Queue.purge_study's transaction does to the file
+        return record(**row)
+
+    monkeypatch.setattr(node.queue, "record_instance", purge_then_record)
+    ds = synthetic.mammogram()
+    assert send(node.port, ds).Status == StoreStatus.SUCCESS
+    (stored,) = stored_files(node.data_dir)
+    assert stored.name == f"{ds.SOPInstanceUID}.dcm"
+    assert dcmread(stored).SOPInstanceUID == ds.SOPInstanceUID
