@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, generate_uid
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, generate_uid
 
 from dicom_node.store import InstanceStore
 from tests import synthetic
@@ -102,17 +102,22 @@ def test_killed_worker_fails_only_its_job_which_is_retried_by_the_replacement(tm
     assert node.process.stop(timeout=60) == 0
 
 
-def corrupt_study(folder: Path) -> dict[str, Path]:
-    """Studies that store fine (pixels are not decoded on receive) but cannot be analysed."""
-    truncated = synthetic.mammogram(rows=256, columns=192, seed=1)
-    truncated.PixelData = truncated.PixelData[: len(truncated.PixelData) // 2]
-    garbage = synthetic.mammogram(rows=256, columns=192, seed=2)
-    garbage.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    garbage.PixelData = encapsulate([os.urandom(4000)])  # not a JPEG 2000 codestream
-    return {
-        "truncated": synthetic.write(truncated, folder / "truncated.dcm"),
-        "garbage": synthetic.write(garbage, folder / "garbage.dcm"),
-    }
+def corrupt_study(folder: Path) -> dict[str, tuple[Path, list[str]]]:
+    """Studies that store fine but cannot be analysed: (file, storescu options) by name.
+
+    The SCP checks the structure of pixel data, never its content (a frame must end with
+    its codestream's end marker); these end with one, and hold random bytes before it.
+    """
+    studies = {}
+    for seed, (name, syntax, syntax_name) in enumerate(
+        (("garbage_j2k", JPEG2000Lossless, "jpeg2000-lossless"), ("garbage_jpeg_ls", JPEGLSLossless, "jpeg-ls-lossless"))
+    ):
+        garbage = synthetic.mammogram(rows=256, columns=192, seed=seed)
+        garbage.file_meta.TransferSyntaxUID = syntax
+        garbage.PixelData = encapsulate([os.urandom(4000) + b"\xff\xd9"])  # not a codestream
+        options = [synthetic.STORESCU_PROPOSE[syntax_name]]
+        studies[name] = (synthetic.write(garbage, folder / f"{name}.dcm"), options)
+    return studies
 
 
 def test_corrupt_pixel_data_fails_that_job_with_the_reason_and_the_worker_goes_on(tmp_path, fault_nodes):
@@ -120,11 +125,11 @@ def test_corrupt_pixel_data_fails_that_job_with_the_reason_and_the_worker_goes_o
     bad = corrupt_study(tmp_path / "bad")
     good = synthetic.study(tmp_path / "good", n_images=2)
 
-    send(node, [bad["truncated"]])
-    send(node, [bad["garbage"]], extra_args=J2K)
+    for path, options in bad.values():
+        send(node, [path], extra_args=options)
     send(node, good)
 
-    for name, path in bad.items():
+    for name, (path, _) in bad.items():
         job = node.wait_for_job(study_uid_of(path), "failed")
         sop = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         assert job.attempts == 1, f"{name}: a corrupt image is not retried"
