@@ -110,6 +110,15 @@ def cmd_jobs(args) -> int:
             return 1
         print(f"job {args.job_id}: queued again")
         return 0
+    if args.jobs_command == "rerun":
+        queued = queue.rerun_study(args.study)
+        if queued is None:
+            print(f"study {args.study}: no instance of it is recorded", file=sys.stderr)
+            return 1
+        job, instances = queued
+        print(f"study {args.study}: job {job.id} queued (generation {job.generation}, "
+              f"{instances} instance(s)); its result is a new object, sent to every destination")
+        return 0
     raise AssertionError(args.jobs_command)
 
 
@@ -162,7 +171,7 @@ def cmd_analyze(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for study_uid, paths in studies.items():
-        gsps, analysis = report_study(paths, detector, config, study_uid=study_uid, generation=0)
+        gsps, analysis = report_study(paths, detector, config)
         target = out / f"{gsps.SOPInstanceUID}.dcm"
         gsps.save_as(target, enforce_file_format=True)
         print(f"{target}: study {study_uid}: {len(analysis.images)} image(s), "
@@ -255,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     jobs_sub.add_parser("show").add_argument("job_id", type=int)
     jobs_sub.add_parser("retry").add_argument("job_id", type=int)
+    jobs_sub.add_parser("rerun", help="analyse a study again (a new result) and send it").add_argument(
+        "--study", required=True, metavar="UID", help="Study Instance UID")
 
     echo = with_config(sub.add_parser("echo", help="C-ECHO the configured destinations"))
     echo.add_argument("--destination", help="only this destination (by name)")
