@@ -401,13 +401,13 @@ def reconcile(store: InstanceStore, queue, *, destinations: Collection[str] = ()
         if os.path.abspath(path) not in on_disk and not os.path.exists(path):
             result.missing.append(sop_instance_uid)
     newly_missing, result.found_again = queue.set_missing_instances(result.missing)
-    recorded_studies = {}
+    recorded_studies: dict[str, None] = {}  # in order of recording, each once
     for key in sorted(set(on_disk) - known_paths):
         path = on_disk[key]
         identity = _stored_identity(store, path)
         if identity is not None and queue.record_instance(**identity):
             result.recorded.append(identity["sop_instance_uid"])
-            recorded_studies[identity["study_uid"]] = True
+            recorded_studies[identity["study_uid"]] = None
         else:
             result.unrecognised.append(str(path))
     for study_uid in recorded_studies:

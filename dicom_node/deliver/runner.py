@@ -58,10 +58,8 @@ def deliver_once(
         return True
     if store is not None:
         _note_delivered(store, delivery, delivery_log)
-    if outage is None:
-        queue.complete_delivery(delivery.id, worker=worker)
-    else:
-        outage.call(lambda: queue.complete_delivery(delivery.id, worker=worker), stop=stop or threading.Event())
+    outage = outage or Outage("deliver")
+    outage.call(lambda: queue.complete_delivery(delivery.id, worker=worker), stop=stop or threading.Event())
     delivery_log.info("delivery_done")
     return True
 

@@ -821,11 +821,12 @@ class Queue:
                      "created_at": now, "updated_at": now}
                     for name in dict.fromkeys(resend_to) if name not in delivered
                 ]
-                conn.execute(insert(deliveries), [
-                    {**row, "job_id": job_id, "path": str(result.result_path),
-                     "sop_instance_uid": result.result_sop_instance_uid}
-                    for row in rows
-                ])
+                if rows:
+                    conn.execute(insert(deliveries), [
+                        {**row, "job_id": job_id, "path": str(result.result_path),
+                         "sop_instance_uid": result.result_sop_instance_uid}
+                        for row in rows
+                    ])
                 created.append(job_id)
                 covered.update(result.sop_instance_uids)
             enqueued = _count_in(

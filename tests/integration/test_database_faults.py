@@ -64,6 +64,7 @@ def assert_no_traceback(node: FaultNode) -> None:
     assert "Traceback" not in output, output
 
 
+@pytest.mark.slow
 def test_a_held_write_lock_is_answered_out_of_resources_within_the_network_timeout(tmp_path, fault_nodes):
     node = fault_nodes(node={"network_timeout_seconds": NETWORK_TIMEOUT_SECONDS})
     files = synthetic.study(tmp_path / "study", n_images=1)
