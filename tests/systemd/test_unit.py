@@ -105,8 +105,9 @@ def test_a_config_error_is_not_restarted_and_repeated_failures_end_the_restarts(
     # The CLI's exit status for a config error (a corrupt database, a bad key) is the one
     # systemd does not restart on: the node would fail the same way forever.
     assert setting(service, "RestartPreventExitStatus") == str(report_failure(ConfigError("x"))) == "2"
-    # Start limits live in [Unit] (systemd ignores them in [Service] since v230).
-    interval, burst = seconds(setting(unit_section, "StartLimitIntervalSec")), int(setting(unit_section, "StartLimitBurst"))
+    # Start limits belong in [Unit] (systemd 230 moved them there from [Service]).
+    interval = seconds(setting(unit_section, "StartLimitIntervalSec"))
+    burst = int(setting(unit_section, "StartLimitBurst"))
     assert setting(service, "StartLimitIntervalSec") is None and setting(service, "StartLimitBurst") is None
     # The limit can be reached: `burst` restarts RestartSec apart fit in the interval.
     assert 1 < burst and burst * seconds(setting(service, "RestartSec")) < interval <= 3600
