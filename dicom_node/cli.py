@@ -108,6 +108,15 @@ def cmd_jobs(args) -> int:
         return 0
     if args.jobs_command == "retry":
         return _retry(queue, config, args.job_id, now=args.now)
+    if args.jobs_command == "rerun":
+        queued = queue.rerun_study(args.study)
+        if queued is None:
+            print(f"study {args.study}: no instance of it is recorded", file=sys.stderr)
+            return 1
+        job, instances = queued
+        print(f"study {args.study}: job {job.id} queued (generation {job.generation}, "
+              f"{instances} instance(s)); its result is a new object, sent to every destination")
+        return 0
     raise AssertionError(args.jobs_command)
 
 
@@ -200,7 +209,7 @@ def cmd_analyze(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for study_uid, paths in studies.items():
-        gsps, analysis = report_study(paths, detector, config, study_uid=study_uid, generation=0)
+        gsps, analysis = report_study(paths, detector, config)
         target = out / f"{gsps.SOPInstanceUID}.dcm"
         gsps.save_as(target, enforce_file_format=True)
         print(f"{target}: study {study_uid}: {len(analysis.images)} image(s), "
@@ -303,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("job_id", type=int)
     retry.add_argument("--now", action="store_true",
                        help="also send its pending deliveries at once instead of after their backoff")
+    rerun = with_config(jobs_sub.add_parser("rerun", help="analyse a study again (a new result) and send it"))
+    rerun.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
 
     purge = with_config(sub.add_parser("purge", help="remove studies delivered longer ago than DURATION"))
     purge.add_argument("--older-than", required=True, metavar="DURATION",

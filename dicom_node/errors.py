@@ -26,3 +26,17 @@ class UnsupportedImage(PermanentError):
 
 class CheckpointError(ConfigError):
     """The detector checkpoint is missing or does not match the configured architecture."""
+
+
+class QueueUnavailable(RetryableError):
+    """The job database cannot be used right now (locked, disk full, I/O error, corrupt).
+
+    `path` is the database file and `kind` a short reason; the message names both and
+    never quotes SQL or its values. Whoever catches it answers "later" (0xA700 to a
+    sender, a backoff in a loop); the work it was part of is not lost.
+    """
+
+    def __init__(self, path: str, kind: str):
+        super().__init__(f"job database {path} unavailable: {kind}")
+        self.path = path
+        self.kind = kind

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from dicom_node.config import Config
-from dicom_node.errors import ConfigError
+from dicom_node.errors import ConfigError, QueueUnavailable
 from dicom_node.log import get_logger
+from dicom_node.queue.outage import Outage
 from dicom_node.systemd import sd_notify
 
 log = get_logger("dicom_node.node")
@@ -228,15 +229,20 @@ class Node:
     def _scheduler(self, queue, pool: WorkerPool) -> None:
         watchdog_every = 10.0
         last_watchdog = 0.0
+        outage, retry_at = Outage("scheduler"), 0.0
         # The SCP started listening just before this thread: quiet time counts from now.
         listening_since = datetime.now(timezone.utc)
         while not self._stop.wait(0.5):
             try:
-                for job_id in queue.enqueue_ready_studies(
-                    stable_seconds=self.config.study.stable_seconds, listening_since=listening_since
-                ):
-                    log.info("job_enqueued", job_id=job_id)
+                if time.monotonic() >= retry_at:
+                    for job_id in queue.enqueue_ready_studies(
+                        stable_seconds=self.config.study.stable_seconds, listening_since=listening_since
+                    ):
+                        log.info("job_enqueued", job_id=job_id)
+                    outage.ok()
                 pool.replace_dead(queue)
+            except QueueUnavailable as error:  # logged once per outage; tried again after a pause
+                retry_at = time.monotonic() + outage.failed(error)
             except Exception as error:  # keep scheduling; the database may be busy for a moment
                 log.error("scheduler_error", error=f"{type(error).__name__}: {error}")
             if time.monotonic() - last_watchdog > watchdog_every:
@@ -251,7 +257,7 @@ class Node:
         from dicom_node.ops.runlock import RunLock
         from dicom_node.ops.state import StateWriter
         from dicom_node.ops.status import start_line
-        from dicom_node.queue.ops import Queue
+        from dicom_node.queue.ops import Queue, busy_timeout_for_peer
         from dicom_node.receive import start_scp
         from dicom_node.receive.access import check_access_config
         from dicom_node.store import InstanceStore, reconcile
@@ -266,7 +272,7 @@ class Node:
         queue = Queue(config.database_url)
         queue.migrate()
         # Before the SCP listens: temp files, rows without files, files without rows.
-        reconciled = reconcile(store, queue)
+        reconciled = reconcile(store, queue, destinations=[d.name for d in config.destinations])
         # We hold the run lock, so whatever is still running was a crashed node's.
         abandoned = queue.expire_leases()
         log.info("node_starting", data_dir=str(config.node.data_dir),
@@ -277,7 +283,13 @@ class Node:
         pool = WorkerPool(config)
         pool.start()
         try:
-            self.server = start_scp(config, queue=queue, store=store)
+            # The SCP's own queue waits for the write lock a short while only: its sender
+            # must get 0xA700 (retry later) before giving up on the association.
+            scp_queue = Queue(
+                config.database_url,
+                busy_timeout_seconds=busy_timeout_for_peer(config.node.network_timeout_seconds),
+            )
+            self.server = start_scp(config, queue=scp_queue, store=store)
             health = start_health_server(config, queue=queue, scp=self.server, pool=pool)  # None: off
         except BaseException:
             # e.g. the port is taken: the workers are not daemons, stop them or we hang.

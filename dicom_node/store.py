@@ -4,6 +4,7 @@ Layout under ``data_dir`` (one filesystem, so ``os.replace`` is atomic)::
 
     instances/<study uid>/<series uid>/<sop instance uid>.dcm
     results/<name>
+    results/delivered/<study uid>.json   the delivered-results ledger (see below)
     tmp/            files being written; anything left here after a crash is garbage
 
 A file reaches its final name only after its bytes are on disk: it is written
@@ -14,18 +15,27 @@ exist; it never points at a partial one.
 
 At startup `reconcile` makes the files and the queue's instance rows agree again
 (see its docstring and README "Crash safety and faults").
+
+The delivered-results ledger is the record of what reached a destination that outlives
+the job database: one small JSON file per study (UIDs, file names, destination names and
+times; no patient data), updated when a delivery completes. When the database is lost
+and rebuilt, `reconcile` reads it so that delivered studies are not analysed and sent
+again (a PACS keeps the first object it gets under a UID, and the radiologist would see
+a second result).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pydicom
@@ -41,6 +51,21 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 MAX_UID_LENGTH = 64
 # Result names are chosen by the node (e.g. "<uid>.dcm"); still, no separators.
 _RESULT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+LEDGER_FORMAT = "dicom-node-delivered/1"
+
+
+class LedgerError(ValueError):
+    """A delivered-results ledger file cannot be read (the caller logs it and goes on)."""
+
+
+@dataclass(frozen=True)
+class DeliveredResult:
+    """One entry of a study's delivered-results ledger (UIDs, a path, destination names)."""
+
+    result_sop_instance_uid: str
+    result_path: str
+    sop_instance_uids: tuple[str, ...]  # the images the result covers
+    delivered: dict[str, datetime]  # destination name -> when it was delivered there
 
 
 def validate_uid(value: object, *, name: str) -> str:
@@ -77,7 +102,9 @@ def free_bytes(path: Path) -> int:
 def write_file_atomically(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """Replace ``path`` with ``data``: a reader sees the old content or the new, never a part.
 
-    Written to a temp file beside ``path`` (same filesystem), then renamed over it.
+    For files beside the store's (the node's state file); the store's own files go through
+    InstanceStore.write_atomic. Written to a temp file beside ``path`` (same filesystem),
+    then renamed over it.
     ``fsync=False`` for files that only describe the present (a state file rewritten
     every few seconds): a power loss may then leave the old content, never a torn one.
     """
@@ -128,6 +155,14 @@ class InstanceStore:
     @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
+
+    @property
+    def ledger_dir(self) -> Path:
+        return self.results_dir / "delivered"
+
+    def ledger_path(self, study_uid: str) -> Path:
+        """The study's delivered-results ledger file; ValueError if the UID is not a UID."""
+        return self.ledger_dir / f"{validate_uid(study_uid, name='Study Instance UID')}.json"
 
     def instance_path(self, *, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         """Final path of an instance; raise ValueError if a UID is not a valid UID."""
@@ -192,13 +227,80 @@ class InstanceStore:
         """
         if not _RESULT_NAME.fullmatch(name):
             raise ValueError(f"result name {name!r} must be letters, digits, '.', '_', '-'")
-        final = self.results_dir / name
+        return self._replace(self.results_dir / name, lambda staged: ds.save_as(staged, enforce_file_format=True))
+
+    def write_atomic(self, final: Path, data: bytes) -> Path:
+        """Replace the file `final` (under data_dir) by `data`, durably and atomically."""
+        final = Path(final)
+        self._make_dirs(final.parent)
+        return self._replace(final, lambda staged: staged.write_bytes(data))
+
+    def _replace(self, final: Path, write) -> Path:
+        """`write(staged)` a file under tmp/, fsync it, rename it over `final`, fsync the
+        directory: a reader (or a restart after a power loss) sees the old file or the new
+        one, never a part, and a crash leaves only a temp file that reconcile removes."""
         with self.temp_path() as staged:
-            ds.save_as(staged, enforce_file_format=True)
+            write(staged)
             self._fsync_file(staged)
             os.replace(staged, final)
-        self._fsync_dir(self.results_dir)
+        self._fsync_dir(final.parent)
         return final
+
+    def record_delivered(self, result_path: Path, destination: str, *, at: datetime | None = None) -> Path:
+        """Note in the study's ledger that the result at `result_path` reached `destination`.
+
+        The result file says what it covers: its study, its SOP Instance UID, and every
+        image it references (PS3.3 C.11.11 Presentation State Relationship: the analysed
+        images and those skipped by design). Returns the ledger file.
+        """
+        at = at or datetime.now(timezone.utc)
+        result = pydicom.dcmread(result_path, stop_before_pixels=True)
+        study_uid = validate_uid(result.get("StudyInstanceUID"), name="Study Instance UID")
+        entry = {
+            "result_sop_instance_uid": validate_uid(result.get("SOPInstanceUID"), name="SOP Instance UID"),
+            "result_file": Path(result_path).name,
+            "sop_instance_uids": sorted(
+                str(image.ReferencedSOPInstanceUID)
+                for series in result.get("ReferencedSeriesSequence", [])
+                for image in series.get("ReferencedImageSequence", [])
+            ),
+            "delivered": {},
+        }
+        path = self.ledger_path(study_uid)
+        ledger = self._read_ledger(path) or {"format": LEDGER_FORMAT, "study_uid": study_uid, "results": []}
+        same = [e for e in ledger["results"] if e["result_sop_instance_uid"] == entry["result_sop_instance_uid"]]
+        if same:
+            entry = same[0]
+        else:
+            ledger["results"].append(entry)
+        # The first delivery's time stays; a re-send (after a lost acknowledgement) adds nothing.
+        entry["delivered"].setdefault(destination, at.astimezone(timezone.utc).isoformat())
+        return self.write_atomic(path, (json.dumps(ledger, indent=1) + "\n").encode())
+
+    def delivered_results(self, study_uid: str) -> list[DeliveredResult]:
+        """The study's delivered results from its ledger, oldest first; [] without one."""
+        ledger = self._read_ledger(self.ledger_path(study_uid)) or {"results": []}
+        return [
+            DeliveredResult(
+                result_sop_instance_uid=entry["result_sop_instance_uid"],
+                result_path=str(self.results_dir / entry["result_file"]),
+                sop_instance_uids=tuple(entry["sop_instance_uids"]),
+                delivered={name: datetime.fromisoformat(at) for name, at in entry["delivered"].items()},
+            )
+            for entry in ledger["results"]
+        ]
+
+    @staticmethod
+    def _read_ledger(path: Path) -> dict | None:
+        try:
+            ledger = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            raise LedgerError(f"{path}: unreadable delivered-results ledger ({type(error).__name__})") from None
+        if not isinstance(ledger, dict) or ledger.get("format") != LEDGER_FORMAT:
+            raise LedgerError(f"{path}: not a delivered-results ledger ({LEDGER_FORMAT})")
+        return ledger
 
     def free_bytes(self) -> int:
         """Bytes still writable on data_dir's filesystem (see `free_bytes`)."""
@@ -356,6 +458,7 @@ class Reconciliation:
     found_again: int = 0  # rows marked missing earlier whose file is back
     recorded: list[str] = field(default_factory=list)  # files that had no row, now recorded
     unrecognised: list[str] = field(default_factory=list)  # paths left alone (not ours to judge)
+    restored_jobs: list[int] = field(default_factory=list)  # done jobs restored from the ledger
 
 
 def _stored_identity(store: InstanceStore, path: Path) -> dict | None:
@@ -394,7 +497,7 @@ def _stored_identity(store: InstanceStore, path: Path) -> dict | None:
     }
 
 
-def reconcile(store: InstanceStore, queue) -> Reconciliation:
+def reconcile(store: InstanceStore, queue, *, destinations: Collection[str] = ()) -> Reconciliation:
     """Make the instance files and the instance rows agree again; call at startup only.
 
     - tmp/ is emptied (writes a crash interrupted; never acknowledged);
@@ -403,7 +506,11 @@ def reconcile(store: InstanceStore, queue) -> Reconciliation:
     - a file without a row (a crash between the rename and the commit: the sender got
       no Success and will likely send it again, as a duplicate) is recorded, so nothing
       stored is ignored; its study gets analysed like any other;
-    - a file under instances/ that the SCP did not write is logged and left in place.
+    - a file under instances/ that the SCP did not write is logged and left in place;
+    - a study whose files were recorded here and which has no job (the database was
+      rebuilt) gets its delivered results back from the ledger as done jobs: the images
+      they cover are not analysed and sent again, later images are. A destination of
+      `destinations` that a result never reached gets a pending delivery of it.
     """
     result = Reconciliation(temp_files_removed=store.remove_orphan_temp_files())
     on_disk = {os.path.abspath(path): path for path in store.instance_files()}
@@ -413,13 +520,17 @@ def reconcile(store: InstanceStore, queue) -> Reconciliation:
         if os.path.abspath(path) not in on_disk and not os.path.exists(path):
             result.missing.append(sop_instance_uid)
     newly_missing, result.found_again = queue.set_missing_instances(result.missing)
+    recorded_studies: dict[str, None] = {}  # in order of recording, each once
     for key in sorted(set(on_disk) - known_paths):
         path = on_disk[key]
         identity = _stored_identity(store, path)
         if identity is not None and queue.record_instance(**identity):
             result.recorded.append(identity["sop_instance_uid"])
+            recorded_studies[identity["study_uid"]] = None
         else:
             result.unrecognised.append(str(path))
+    for study_uid in recorded_studies:
+        result.restored_jobs += _restore_delivered(store, queue, study_uid, destinations)
     if result.missing:
         log.error(
             "instances_missing", count=len(result.missing), newly_missing=newly_missing,
@@ -438,3 +549,20 @@ def reconcile(store: InstanceStore, queue) -> Reconciliation:
             paths=result.unrecognised[:10],
         )
     return result
+
+
+def _restore_delivered(store: InstanceStore, queue, study_uid: str, destinations) -> list[int]:
+    """Restore a study's delivered results from its ledger (see reconcile); the new job ids."""
+    try:
+        delivered = store.delivered_results(study_uid)
+    except LedgerError as error:
+        # Without it the study is analysed and sent again: a second result, not a lost one.
+        log.error("ledger_unreadable", study_uid=study_uid, error=str(error))
+        return []
+    job_ids = queue.restore_delivered(study_uid, delivered, resend_to=destinations) if delivered else []
+    if job_ids:
+        log.warning(
+            "delivered_results_restored", study_uid=study_uid, job_ids=job_ids,
+            result_sop_instance_uids=[r.result_sop_instance_uid for r in delivered],
+        )
+    return job_ids

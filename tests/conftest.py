@@ -1,6 +1,5 @@
 """Session-wide test settings shared by every test folder."""
 
-import shutil
 import subprocess
 
 import highdicom
@@ -37,26 +36,27 @@ def _restore_logging_config():
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
-    """``tmpfs(megabytes)``: a real small filesystem (a tmpfs mounted under tmp_path), to
-    fill for real; unmounted afterwards. Skips where mounting is not permitted (not root)."""
-    mounted = []
+def small_filesystem(tmp_path):
+    """Mount real small filesystems to fill: ``small_filesystem(path, size="16m")`` gives a
+    tests.sqlite_faults.SmallFilesystem (a tmpfs); all are unmounted at teardown. Skips
+    where mounting is not permitted (not root)."""
+    import os
 
-    def mount(megabytes: int):
-        mount_point = tmp_path / f"tmpfs{len(mounted)}"
-        mount_point.mkdir()
-        if shutil.which("mount") is None:
-            pytest.skip("no mount command")
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(mount_point)],
-            capture_output=True, text=True,
-        )
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-        mounted.append(mount_point)
-        return mount_point
+    from tests.sqlite_faults import SmallFilesystem
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted: list[SmallFilesystem] = []
+
+    def mount(path, *, size: str = "16m") -> SmallFilesystem:
+        filesystem = SmallFilesystem(path, size=size)
+        try:
+            filesystem.mount()
+        except (OSError, subprocess.CalledProcessError) as error:
+            pytest.skip(f"cannot mount a tmpfs here: {getattr(error, 'stderr', error)}")
+        mounted.append(filesystem)
+        return filesystem
 
     yield mount
-    for mount_point in mounted:
-        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+    for filesystem in mounted:
+        filesystem.unmount()

@@ -8,6 +8,7 @@ with PreparedImage.boxes_to_original, the pipeline's one box mapping.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ class Detection:
 class Detector(Protocol):
     input_size: int
     label: str  # what the weights are, e.g. "DEMO WEIGHTS - synthetic masses only, ..."
+    # Tells models apart: results of another model get other UIDs (analyse.worker.result_uid).
+    fingerprint: str
 
     def detect(self, images: Sequence[PreparedImage]) -> list[list[Detection]]:
         """One list of detections per image, in original pixel coordinates, best first."""
@@ -75,12 +78,16 @@ class TorchDetector:
         label: str = "unlabelled weights",
         device: str | torch.device = "cpu",
         batch_size: int = 2,
+        fingerprint: str | None = None,
     ):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.input_size = input_size
         self.score_threshold = score_threshold
         self.label = label
+        # load_detector passes the checkpoint's; a model built in memory has only its label.
+        self.fingerprint = fingerprint or model_fingerprint(label=label, input_size=input_size,
+                                                            score_threshold=score_threshold)
         self.batch_size = max(1, batch_size)
 
     def detect(self, images: Sequence[PreparedImage]) -> list[list[Detection]]:
@@ -120,6 +127,10 @@ class FixedBoxesDetector:
         self.label = label
         self.input_size = input_size
         self.score_threshold = score_threshold
+        self.fingerprint = model_fingerprint(
+            architecture=FIXED_BOXES, boxes=self.boxes.tolist(), input_size=input_size,
+            score_threshold=score_threshold,
+        )
 
     @classmethod
     def from_file(
@@ -166,6 +177,19 @@ class FixedBoxesDetector:
         return results
 
 
+def model_fingerprint(**facts) -> str:
+    """A short digest of what makes a model's output what it is (weights, sizes, threshold)."""
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_detector(config: DetectorConfig, *, device: str = "cpu") -> Detector:
     """The detector that `config` names; CheckpointError naming file and architecture."""
     if config.architecture == FIXED_BOXES:
@@ -193,6 +217,10 @@ def load_detector(config: DetectorConfig, *, device: str = "cpu") -> Detector:
         score_threshold=config.score_threshold,
         label=checkpoint["label"],
         device=device,
+        fingerprint=model_fingerprint(
+            architecture=config.architecture, weights_sha256=file_sha256(path),
+            input_size=input_size, score_threshold=config.score_threshold,
+        ),
     )
     log.info(
         "detector_loaded",

@@ -29,25 +29,30 @@ from pathlib import Path
 import pydicom
 
 from dicom_node.config import Config
-from dicom_node.errors import NodeError, PermanentError, UnsupportedImage
+from dicom_node.errors import NodeError, PermanentError, QueueUnavailable, UnsupportedImage
 from dicom_node.log import get_logger
-from dicom_node.queue.ops import LeaseLost
+from dicom_node.queue.ops import LeaseLost, new_analysis_key
+from dicom_node.queue.outage import Outage
 
 log = get_logger("dicom_node.worker")
 
 DEMO_SERIES_DESCRIPTION = "DEMO WEIGHTS, synthetic masses only - NOT FOR DIAGNOSIS"
 
 
-def result_uid(study_uid: str, generation: int, purpose: str) -> str:
-    """A UID derived from the study and analysis generation, the same on every attempt.
+def result_uid(analysis_key: str, model: str, purpose: str) -> str:
+    """A UID of one analysis's result: the same on every attempt, another for any other analysis.
 
-    A job retried after a crash therefore produces the same GSPS SOP Instance UID, and a
-    PACS that already stored it treats a second delivery as the same object.
+    `analysis_key` is the job's random key, stored in its row (queue.ops.new_analysis_key):
+    a job retried after a crash rebuilds the same GSPS, and a PACS that already stored it
+    sees the same object again. Another installation, a rebuilt database or a reused row
+    id has another key, and `model` (the detector's fingerprint) gives a result of
+    another model another UID: a PACS keeps the first object it gets under a UID and
+    silently drops a different one sent under it later.
     """
     # PS3.5 B.2: "2.25." followed by a UUID as an integer. A name-based UUID (RFC 4122
     # version 5) is a function of its name. (pydicom's generate_uid(prefix=None) ignores
     # entropy_srcs and returns a random UUID: a different UID on every attempt.)
-    name = "/".join(("dicom-node", study_uid, str(generation), purpose))
+    name = "/".join(("dicom-node", analysis_key, model, purpose))
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
@@ -130,8 +135,11 @@ class _Heartbeat:
 
     def _run(self, queue, job_id, worker, lease_seconds):
         while not self._stop.wait(lease_seconds / 3):
-            if not queue.heartbeat_job(job_id, worker=worker, lease_seconds=lease_seconds):
-                return
+            try:
+                if not queue.heartbeat_job(job_id, worker=worker, lease_seconds=lease_seconds):
+                    return
+            except QueueUnavailable:
+                continue  # the lease may run out; completing the job checks who holds it
 
     def __enter__(self):
         self._thread.start()
@@ -142,10 +150,16 @@ class _Heartbeat:
         self._thread.join()
 
 
-def report_study(paths, detector, config: Config, *, study_uid: str, generation: int, job_log=log):
-    """Analyse one study's files and build its GSPS; returns (gsps, analysis)."""
+def report_study(paths, detector, config: Config, *, analysis_key: str | None = None, job_log=log):
+    """Analyse one study's files and build its GSPS; returns (gsps, analysis).
+
+    The GSPS UIDs derive from `analysis_key` (the job's) and the detector's fingerprint;
+    without a key (offline analysis) they are new on every call.
+    """
     from dicom_node.report.gsps import build_gsps
 
+    analysis_key = analysis_key or new_analysis_key()
+    model = detector.fingerprint
     analysis = analyse_study(paths, detector, config, job_log=job_log)
     report = config.report
     if getattr(detector, "label", "").upper().startswith("DEMO"):
@@ -156,8 +170,8 @@ def report_study(paths, detector, config: Config, *, study_uid: str, generation:
         analysis.images,
         analysis.detections,
         report=report,
-        sop_instance_uid=result_uid(study_uid, generation, "gsps-instance"),
-        series_instance_uid=result_uid(study_uid, generation, "gsps-series"),
+        sop_instance_uid=result_uid(analysis_key, model, "gsps-instance"),
+        series_instance_uid=result_uid(analysis_key, model, "gsps-series"),
         skipped=analysis.skipped,
         frames=analysis.frames,
     )
@@ -180,20 +194,33 @@ def check_files_present(instances) -> None:
         )
 
 
-def _fail(queue, job, worker: str, config: Config, error: str, *, retryable: bool) -> str | None:
+def _fail(queue, job, worker: str, config: Config, error: str, *, retryable: bool, outage, stop) -> str | None:
     """Record a failed attempt; None when the lease was lost to another worker."""
     try:
-        return queue.fail_job(
-            job.id, worker=worker, error=error, retryable=retryable,
-            backoff_seconds=config.workers.retry_backoff_seconds,
-            max_attempts=config.workers.max_attempts,
+        return outage.call(
+            lambda: queue.fail_job(
+                job.id, worker=worker, error=error, retryable=retryable,
+                backoff_seconds=config.workers.retry_backoff_seconds,
+                max_attempts=config.workers.max_attempts,
+            ),
+            stop=stop,
         )
     except LeaseLost:
         return None
 
 
-def process_job(job, *, queue, store, detector, config: Config, worker: str) -> None:
-    """Analyse one claimed job and record its outcome (complete or fail) in the queue."""
+def process_job(
+    job, *, queue, store, detector, config: Config, worker: str, outage: Outage | None = None, stop=None
+) -> None:
+    """Analyse one claimed job and record its outcome (complete or fail) in the queue.
+
+    A database outage while recording the outcome is waited out (`outage` logs it and
+    paces the tries) until the database is back or `stop` is set. Stopped first, the job
+    stays leased to this worker: it is claimed again when the lease ends (at once at the
+    next start) and rebuilds the same result, under the same UIDs.
+    """
+    outage = outage or Outage("worker", logger=log.bind(worker=worker))
+    stop = stop or threading.Event()  # never set: wait for the database as long as it takes
     job_log = log.bind(worker=worker, **job.log_context())
     job_log.info("job_started", attempt=job.attempts)
     try:
@@ -201,8 +228,8 @@ def process_job(job, *, queue, store, detector, config: Config, worker: str) -> 
             instances = queue.study_instances(job.study_uid)
             check_files_present(instances)
             gsps, analysis = report_study(
-                [i.path for i in instances], detector, config,
-                study_uid=job.study_uid, generation=job.generation, job_log=job_log,
+                [i.path for i in instances], detector, config, analysis_key=job.analysis_key,
+                job_log=job_log,
             )
             gsps_uid = str(gsps.SOPInstanceUID)
             path = store.write_result(gsps, name=f"{gsps_uid}.dcm")
@@ -211,7 +238,11 @@ def process_job(job, *, queue, store, detector, config: Config, worker: str) -> 
         # is retried with backoff, up to workers.max_attempts.
         retryable = not isinstance(error, PermanentError)
         message = describe_error(error)
-        state = _fail(queue, job, worker, config, message, retryable=retryable)
+        try:
+            state = _fail(queue, job, worker, config, message, retryable=retryable, outage=outage, stop=stop)
+        except QueueUnavailable as unavailable:
+            job_log.warning("job_left_leased", error=str(unavailable))
+            return
         if state is None:
             job_log.warning("job_lease_lost")
         elif state == "failed":
@@ -220,18 +251,26 @@ def process_job(job, *, queue, store, detector, config: Config, worker: str) -> 
             job_log.warning("job_error_retry", error=message, state=state)
         return
     try:
-        queue.complete_job(
-            job.id,
-            worker=worker,
-            result_path=str(path),
-            result_sop_instance_uid=gsps_uid,
-            detections=analysis.detection_count,
-            destinations=[d.name for d in config.destinations],
+        outage.call(
+            lambda: queue.complete_job(
+                job.id,
+                worker=worker,
+                result_path=str(path),
+                result_sop_instance_uid=gsps_uid,
+                detections=analysis.detection_count,
+                destinations=[d.name for d in config.destinations],
+            ),
+            stop=stop,
         )
     except LeaseLost:
         # Our lease expired and another worker holds the job now; its result
         # (same deterministic GSPS UID) is the one that counts.
         job_log.warning("job_lease_lost")
+        return
+    except QueueUnavailable as unavailable:
+        # Told to stop while the database was away; the result file is written, and
+        # the next attempt rewrites the same object under the same name.
+        job_log.warning("job_left_leased", error=str(unavailable))
         return
     job_log.info(
         "job_done",
@@ -289,12 +328,21 @@ def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds
         "worker_ready", pid=os.getpid(), device=device, architecture=config.detector.architecture
     )
     ready_queue.put((name, "ready", device))
+    outage = Outage("worker", logger=worker_log)
     while not stop_event.is_set() and os.getppid() == parent_pid:
-        job = queue.claim_next_job(
-            worker=name, lease_seconds=config.workers.lease_seconds, max_attempts=config.workers.max_attempts
-        )
+        try:
+            job = queue.claim_next_job(
+                worker=name, lease_seconds=config.workers.lease_seconds, max_attempts=config.workers.max_attempts
+            )
+        except QueueUnavailable as error:
+            stop_event.wait(outage.failed(error))  # logged once per outage; growing pauses
+            continue
+        outage.ok()
         if job is None:
             stop_event.wait(poll_seconds)
             continue
-        process_job(job, queue=queue, store=store, detector=detector, config=config, worker=name)
+        process_job(
+            job, queue=queue, store=store, detector=detector, config=config, worker=name,
+            outage=outage, stop=stop_event,
+        )
     worker_log.info("worker_stopped")

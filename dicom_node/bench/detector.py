@@ -56,7 +56,7 @@ def _measure(architecture: str, input_size: int, device: str, repeat: int, rows:
                 torch.cuda.synchronize()
 
         def study():
-            report_study([str(path)], detector, config, study_uid=str(ds.StudyInstanceUID), generation=1)
+            report_study([str(path)], detector, config, analysis_key="bench")
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
 

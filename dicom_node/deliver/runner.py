@@ -1,4 +1,8 @@
-"""The delivery runner: claim a pending delivery, send it, record the outcome; repeat."""
+"""The delivery runner: claim a pending delivery, send it, record the outcome; repeat.
+
+A delivered result is also noted in the study's delivered-results ledger (see
+dicom_node.store), the record that outlives a lost job database.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,27 @@ from pathlib import Path
 
 from dicom_node.config import Config
 from dicom_node.deliver.scu import send_file
-from dicom_node.errors import ConfigError, PermanentError, RetryableError
+from dicom_node.errors import ConfigError, PermanentError, QueueUnavailable, RetryableError
 from dicom_node.log import get_logger
+from dicom_node.queue.outage import Outage
+from dicom_node.store import InstanceStore, LedgerError
 
 log = get_logger("dicom_node.deliver")
 
 IDLE_POLL_SECONDS = 0.5
 
 
-def deliver_once(queue, config: Config, *, worker: str = "deliver") -> bool:
-    """Claim and send one pending delivery; return False when there was none."""
+def deliver_once(
+    queue, config: Config, *, worker: str = "deliver", store: InstanceStore | None = None,
+    outage: Outage | None = None, stop: threading.Event | None = None,
+) -> bool:
+    """Claim and send one pending delivery; return False when there was none.
+
+    With `store`, a delivered result is noted in its study's ledger. A database outage
+    after the send is waited out (`outage`, until `stop`) so the delivery is recorded
+    done; stopped first, it stays leased and is sent again later (the same object:
+    harmless for the destination).
+    """
     delivery = queue.claim_next_delivery(
         worker=worker, lease_seconds=config.delivery.lease_seconds, max_attempts=config.delivery.max_attempts
     )
@@ -41,18 +56,36 @@ def deliver_once(queue, config: Config, *, worker: str = "deliver") -> bool:
             "delivery_failed" if state == "failed" else "delivery_retry", error=str(error), state=state
         )
         return True
-    queue.complete_delivery(delivery.id, worker=worker)
+    if store is not None:
+        _note_delivered(store, delivery, delivery_log)
+    outage = outage or Outage("deliver")
+    outage.call(lambda: queue.complete_delivery(delivery.id, worker=worker), stop=stop or threading.Event())
     delivery_log.info("delivery_done")
     return True
+
+
+def _note_delivered(store: InstanceStore, delivery, delivery_log) -> None:
+    """Add the delivery to the study's ledger; a failure is logged (the database still has it)."""
+    try:
+        store.record_delivered(Path(delivery.path), delivery.destination)
+    except (OSError, LedgerError) as error:  # disk full, a ledger we cannot read
+        delivery_log.error("ledger_write_failed", error=str(error))
+    except Exception as error:  # a result file that does not read back: its type, not its contents
+        delivery_log.error("ledger_write_failed", error=type(error).__name__)
 
 
 
 def run_deliveries(queue, config: Config, stop: threading.Event) -> None:
     """Deliver until `stop` is set; the main thread of `serve` runs this in a thread."""
+    store = InstanceStore(config.node.data_dir, fsync=config.node.fsync)
+    outage = Outage("deliver")
     while not stop.is_set():
         try:
-            if not deliver_once(queue, config):
+            if not deliver_once(queue, config, store=store, outage=outage, stop=stop):
                 stop.wait(IDLE_POLL_SECONDS)
+            outage.ok()
+        except QueueUnavailable as error:  # logged once per outage, tried again after a pause
+            stop.wait(outage.failed(error))
         except Exception as error:
             log.error("delivery_loop_error", error=f"{type(error).__name__}: {error}")
             stop.wait(1)

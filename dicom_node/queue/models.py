@@ -133,6 +133,11 @@ jobs = Table(
     Column("result_path", Text),
     Column("result_sop_instance_uid", UID),
     Column("detections", Integer),
+    # Random per job (queue.ops.new_analysis_key); the result UIDs derive from it, so
+    # every attempt of the job makes the same objects and no other job (another
+    # installation, a rebuilt database, a reused row id) does. Revision 0003; NULL only
+    # for rows that predate it and were never filled (the migration fills them).
+    Column("analysis_key", String(32)),
     # The backstop against two processes enqueueing the same analysis twice.
     UniqueConstraint("study_uid", "generation"),
     Index("ix_jobs_state_run_after", "state", "run_after"),
@@ -209,6 +214,7 @@ class Job:
     result_sop_instance_uid: str | None
     detections: int | None
     deliveries: tuple[Delivery, ...] = ()
+    analysis_key: str | None = None  # see the column; result UIDs derive from it
 
     def log_context(self) -> dict:
         return {"job_id": self.id, "study_uid": self.study_uid, "generation": self.generation}

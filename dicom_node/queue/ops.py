@@ -8,12 +8,22 @@ operations (claim a job, enqueue ready studies) atomic across processes, and a
 second writer waits (busy_timeout) instead of failing on a lock upgrade.
 
 Each public method is one short transaction, committed before it returns.
+
+Database trouble (the write lock held past the busy timeout, disk full at commit, an
+I/O error, a corrupt file) is raised as one exception, `QueueUnavailable`, naming the
+file and the kind of trouble, never the SQL: callers answer "later" and carry on.
+How long a write waits for the lock is the caller's choice (`busy_timeout_seconds`):
+the SCP must answer its sender well within the network timeout, a worker may wait.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Collection
+import os
+import sqlite3
+import uuid
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -38,8 +48,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
-from dicom_node.errors import NodeError
+from dicom_node.errors import ConfigError, NodeError, QueueUnavailable
 from dicom_node.log import get_logger
 from dicom_node.queue.models import (
     DeliveredStudy,
@@ -55,7 +66,11 @@ from dicom_node.queue.models import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# How long a write waits for the write lock by default (workers, CLI, the scheduler).
 BUSY_TIMEOUT_SECONDS = 30
+# The SCP answers a sender that waits on it: its lock wait is a fraction of the network
+# timeout, at most this (see busy_timeout_for_peer).
+PEER_BUSY_TIMEOUT_MAX_SECONDS = 5.0
 MAX_ERROR_CHARS = 2000
 _READ_ONLY = "dicom_node_read_only"  # execution option: plain (deferred) BEGIN for readers
 _NOUN = {"jobs": "job", "deliveries": "delivery"}
@@ -73,14 +88,67 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _configure_sqlite(engine) -> None:
+def busy_timeout_for_peer(network_timeout_seconds: float) -> float:
+    """The lock wait for a process that answers network peers (the SCP).
+
+    A quarter of the network timeout, at most PEER_BUSY_TIMEOUT_MAX_SECONDS: the sender
+    must get its answer (0xA700, retry later) before it gives up on us, which it may do
+    sooner than our own node.network_timeout_seconds says.
+    """
+    return min(network_timeout_seconds / 4, PEER_BUSY_TIMEOUT_MAX_SECONDS)
+
+
+# SQLite primary result codes (https://sqlite.org/rescode.html) that mean "the database
+# cannot be used now", as the kind named in QueueUnavailable. Any other error (a
+# constraint, a malformed statement) is a bug and is raised as it is.
+_UNAVAILABLE_KINDS = {
+    3: "permission denied",  # SQLITE_PERM
+    5: "locked by another process",  # SQLITE_BUSY: the busy timeout ran out
+    6: "locked",  # SQLITE_LOCKED
+    7: "out of memory",  # SQLITE_NOMEM
+    8: "read-only",  # SQLITE_READONLY
+    10: "I/O error",  # SQLITE_IOERR
+    11: "corrupt",  # SQLITE_CORRUPT
+    13: "disk full",  # SQLITE_FULL
+    14: "cannot open",  # SQLITE_CANTOPEN
+    15: "lock protocol error",  # SQLITE_PROTOCOL
+    26: "not a database",  # SQLITE_NOTADB
+}
+# Kinds that waiting will not cure: at startup they stop the node with a config error.
+_UNUSABLE_KINDS = frozenset({"permission denied", "read-only", "corrupt", "cannot open", "not a database"})
+
+
+def _unavailable_kind(error: BaseException) -> str | None:
+    """The kind of database trouble behind `error`, or None when it is not such trouble."""
+    original = error.orig if isinstance(error, DBAPIError) else error
+    if not isinstance(original, sqlite3.Error):
+        return None
+    code = getattr(original, "sqlite_errorcode", None)
+    return None if code is None else _UNAVAILABLE_KINDS.get(code & 0xFF)
+
+
+def _unusable(path: Path, reason: str) -> ConfigError:
+    """The one-line startup error for a database file that cannot be used, with the way out."""
+    if reason in ("permission denied", "read-only", "cannot open"):
+        return ConfigError(
+            f"node.data_dir: cannot use the job database {path} ({reason}); make it, its -wal "
+            "and -shm files and its folder readable and writable by the node's user"
+        )
+    return ConfigError(
+        f"node.data_dir: {path} is not a readable SQLite database ({reason}); move it away "
+        "(with its -wal and -shm files) and start again: stored instances are recorded again "
+        f"from {path.parent / 'instances'} and delivered studies are not sent again"
+    )
+
+
+def _configure_sqlite(engine, busy_timeout_seconds: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:
         # Take BEGIN away from the sqlite3 driver (it would emit a deferred BEGIN
         # only before DML); the "begin" hook below emits our own.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_SECONDS * 1000}")
+        cursor.execute(f"PRAGMA busy_timeout = {round(busy_timeout_seconds * 1000)}")
         cursor.execute("PRAGMA journal_mode = WAL")
         # FULL: a commit is fsynced before it returns; the SCP answers Success after it.
         cursor.execute("PRAGMA synchronous = FULL")
@@ -246,21 +314,39 @@ def _has_pending_job(conn: Connection, study_uid: str) -> bool:
     return conn.scalar(stmt.limit(1)) is not None
 
 
-def _insert_job(conn: Connection, study_uid: str, now: datetime) -> int:
-    """A pending job for the study's next generation (jobs it has had + 1)."""
+def new_analysis_key() -> str:
+    """A random key for one analysis: its result UIDs derive from it (see analyse.worker.result_uid).
+
+    Random, so that another installation, a rebuilt database or a reused row id never
+    gives the same UIDs; stored in the job row, so that every attempt of the job does.
+    """
+    return uuid.uuid4().hex
+
+
+def _insert_job(conn: Connection, study_uid: str, now: datetime, **values) -> int:
+    """A job (pending unless `values` say otherwise) for the study's next generation."""
     had = conn.scalar(select(func.count()).select_from(jobs).where(jobs.c.study_uid == study_uid))
-    return conn.scalar(
-        insert(jobs)
-        .values(
-            study_uid=study_uid,
-            generation=had + 1,
-            state=State.PENDING,
-            attempts=0,
-            run_after=now,
-            created_at=now,
-            updated_at=now,
+    row = {
+        "study_uid": study_uid,
+        "generation": had + 1,
+        "analysis_key": new_analysis_key(),
+        "state": State.PENDING,
+        "attempts": 0,
+        "run_after": now,
+        "created_at": now,
+        "updated_at": now,
+        **values,
+    }
+    return conn.scalar(insert(jobs).values(**row).returning(jobs.c.id))
+
+
+def _count_in(conn: Connection, column, values: list[str], *where) -> int:
+    """How many rows have `column` in `values` (and match `where`), in IN-list chunks."""
+    return sum(
+        conn.scalar(
+            select(func.count()).where(column.in_(values[start : start + _IN_CHUNK]), *where)
         )
-        .returning(jobs.c.id)
+        for start in range(0, len(values), _IN_CHUNK)
     )
 
 
@@ -340,27 +426,75 @@ def _delivered_studies(delivered_before: datetime | None):
 class Queue:
     """The node's durable queue: instances, studies, analysis jobs and deliveries."""
 
-    def __init__(self, database_url: str):
+    def __init__(self, database_url: str, *, busy_timeout_seconds: float = BUSY_TIMEOUT_SECONDS):
         url = make_url(database_url)
         if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
             raise ValueError(f"{database_url!r}: the queue needs a SQLite file (sqlite:///path)")
+        self.path = url.database
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        self._engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_SECONDS})
-        _configure_sqlite(self._engine)
+        self._engine = create_engine(url, connect_args={"timeout": busy_timeout_seconds})
+        _configure_sqlite(self._engine, busy_timeout_seconds)
         self._reader = self._engine.execution_options(**{_READ_ONLY: True})
 
     def close(self) -> None:
         """Close pooled connections (call before the process exits or forks)."""
         self._engine.dispose()
 
-    def _write(self):
-        return self._engine.begin()  # BEGIN IMMEDIATE ... COMMIT
+    @contextlib.contextmanager
+    def _unavailable_as_queue_error(self):
+        """Raise database trouble as QueueUnavailable (file and kind; no SQL, no values)."""
+        try:
+            yield
+        except (DBAPIError, sqlite3.Error) as error:
+            kind = _unavailable_kind(error)
+            if kind is None:
+                raise
+            # `from None`: the chained driver error quotes the statement and its values.
+            raise QueueUnavailable(self.path, kind) from None
 
+    @contextlib.contextmanager
+    def _write(self):
+        # BEGIN IMMEDIATE ... COMMIT; a failed commit (disk full) is raised here too.
+        with self._unavailable_as_queue_error(), self._engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
     def _read(self):
-        return self._reader.begin()  # BEGIN (a consistent WAL snapshot) ... COMMIT
+        # BEGIN (a consistent WAL snapshot) ... COMMIT
+        with self._unavailable_as_queue_error(), self._reader.begin() as conn:
+            yield conn
+
+    def check_database(self) -> None:
+        """Raise ConfigError naming the file and the way out if it is not a usable database.
+
+        Called by `migrate`, so every process that opens the queue (serve, the CLI)
+        stops on a corrupt, truncated or unreadable file with one line instead of a
+        traceback or a restart loop. `PRAGMA quick_check` reads every page once (no
+        index cross-checks): fast enough for each start.
+        """
+        path = Path(self.path)
+        if path.is_dir():
+            raise _unusable(path, "it is a directory")
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise _unusable(path, "permission denied")
+        try:
+            with self._read() as conn:
+                problems = [row[0] for row in conn.exec_driver_sql("PRAGMA quick_check")]
+        except QueueUnavailable as error:
+            if error.kind in _UNUSABLE_KINDS:
+                raise _unusable(path, error.kind) from None
+            raise
+        if problems != ["ok"]:
+            # The messages name pages and indexes; they are not shown (one line is the rule).
+            raise _unusable(path, f"corrupt: quick_check found {len(problems)} problem(s)")
 
     def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision (idempotent; safe from many processes)."""
+        """Check the file, then bring the schema to the newest Alembic revision.
+
+        Idempotent and safe from many processes. ConfigError if the file is not a
+        usable SQLite database (see check_database).
+        """
+        self.check_database()
         # Alembic narrates its imports and every run at INFO; one event of ours says what changed.
         logging.getLogger("alembic").setLevel(logging.WARNING)
         from alembic import command
@@ -369,11 +503,16 @@ class Queue:
 
         config = AlembicConfig()
         config.set_main_option("script_location", str(MIGRATIONS))
-        with self._write() as conn:
-            before = MigrationContext.configure(conn).get_current_revision()
-            config.attributes["connection"] = conn
-            command.upgrade(config, "head")
-            after = MigrationContext.configure(conn).get_current_revision()
+        try:
+            with self._write() as conn:
+                before = MigrationContext.configure(conn).get_current_revision()
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+                after = MigrationContext.configure(conn).get_current_revision()
+        except QueueUnavailable as error:
+            if error.kind in _UNUSABLE_KINDS:
+                raise _unusable(Path(self.path), error.kind) from None
+            raise
         if after != before:
             log.info("schema_migrated", from_revision=before, to_revision=after)
 
@@ -650,6 +789,95 @@ class Queue:
                 ).rowcount
                 for table in (jobs, deliveries)
             )
+
+    def rerun_study(self, study_uid: str, *, now: datetime | None = None) -> tuple[Job, int] | None:
+        """Queue a new analysis of the whole study, at an operator's request.
+
+        Returns (the pending job, the study's instance count), or None when no instance
+        of the study is recorded. A job already pending for the study is that job (it
+        reads the study's instances when it runs); otherwise the next generation is
+        made, with a new analysis key and so new result UIDs: a new object for the PACS.
+        """
+        now = now or utcnow()
+        with self._write() as conn:
+            count = conn.scalar(
+                select(studies.c.instance_count).where(studies.c.study_uid == study_uid)
+            )
+            if not count:
+                return None
+            pending = select(jobs.c.id).where(jobs.c.study_uid == study_uid, jobs.c.state == State.PENDING)
+            job_id = conn.scalar(pending.limit(1)) or _insert_job(conn, study_uid, now)
+            # The scheduler must not make a second job for the same instances.
+            conn.execute(
+                update(studies)
+                .where(studies.c.study_uid == study_uid)
+                .values(enqueued_instance_count=studies.c.instance_count, last_enqueued_at=now)
+            )
+            (job,) = _jobs_with_deliveries(conn, conn.execute(select(jobs).where(jobs.c.id == job_id)).all())
+        return job, count
+
+    def restore_delivered(
+        self,
+        study_uid: str,
+        results: Iterable,
+        *,
+        resend_to: Collection[str] = (),
+        now: datetime | None = None,
+    ) -> list[int]:
+        """Record a study's delivered results as done jobs, after the database was rebuilt.
+
+        `results` are the study's entries of the delivered-results ledger, oldest first
+        (objects with `result_sop_instance_uid`, `result_path`, `sop_instance_uids` and
+        `delivered`: {destination: when}); see store.reconcile. Each becomes a done job
+        with a done delivery per destination it reached, and a pending one for each
+        destination of `resend_to` it never reached. The study's recorded instances
+        that the results cover count as enqueued, so they are not analysed again; an
+        instance none covers (it came later) makes the study ready as usual.
+
+        Only for a study without jobs: when it has any, the database is the record and
+        nothing is done. Returns the new job ids.
+        """
+        now = now or utcnow()
+        results = list(results)
+        with self._write() as conn:
+            has_jobs = select(jobs.c.id).where(jobs.c.study_uid == study_uid).limit(1)
+            if not results or conn.scalar(has_jobs) is not None:
+                return []
+            created, covered = [], set()
+            for result in results:
+                delivered: Mapping[str, datetime] = result.delivered
+                finished = max(delivered.values(), default=now)
+                job_id = _insert_job(
+                    conn, study_uid, now, state=State.DONE, attempts=1, run_after=finished,
+                    created_at=finished, updated_at=now, result_path=str(result.result_path),
+                    result_sop_instance_uid=result.result_sop_instance_uid,
+                )
+                rows = [
+                    {"destination": name, "state": State.DONE, "attempts": 1, "run_after": at,
+                     "created_at": at, "updated_at": at}
+                    for name, at in delivered.items()
+                ] + [
+                    {"destination": name, "state": State.PENDING, "attempts": 0, "run_after": now,
+                     "created_at": now, "updated_at": now}
+                    for name in dict.fromkeys(resend_to) if name not in delivered
+                ]
+                if rows:
+                    conn.execute(insert(deliveries), [
+                        {**row, "job_id": job_id, "path": str(result.result_path),
+                         "sop_instance_uid": result.result_sop_instance_uid}
+                        for row in rows
+                    ])
+                created.append(job_id)
+                covered.update(result.sop_instance_uids)
+            enqueued = _count_in(
+                conn, instances.c.sop_instance_uid, sorted(covered), instances.c.study_uid == study_uid
+            )
+            conn.execute(
+                update(studies)
+                .where(studies.c.study_uid == study_uid)
+                .values(enqueued_instance_count=enqueued, last_enqueued_at=now)
+            )
+        return created
 
     def retry_job(self, job_id: int, *, now: datetime | None = None) -> bool:
         """Retry what failed: a failed job, or a done job's failed deliveries.

@@ -37,6 +37,7 @@ from pynetdicom import evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.status import Status
 
+from dicom_node.errors import QueueUnavailable
 from dicom_node.log import get_logger
 from dicom_node.receive.activity import ReceiveActivity
 from dicom_node.receive.limits import StorageLimits, spool_refusal
@@ -421,6 +422,19 @@ def _store(event: evt.Event, queue, store: InstanceStore, limits: StorageLimits)
             sop_class_uid=safe_uid(request.AffectedSOPClassUID),
         )
         return _status(refused.status, refused.reason)
+    except QueueUnavailable as error:
+        # The row was not committed (lock wait over, disk full, I/O error): no Success,
+        # so the sender keeps the instance and sends it again later (PS3.4 B.2.3, Refused:
+        # Out of Resources). The fsynced file may stay: the re-send finds it in place, and
+        # store.reconcile records it at the next start if no re-send comes. Deleting it
+        # could remove the file of a concurrent duplicate that was acknowledged.
+        log.error(
+            "instance_store_failed",
+            error=str(error),
+            status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
+            sop_instance_uid=safe_uid(request.AffectedSOPInstanceUID),
+        )
+        return _status(StoreStatus.OUT_OF_RESOURCES, f"job database {error.kind}; retry later")
     except OSError as error:
         log.error(
             "instance_store_failed",

@@ -7,7 +7,7 @@ modalities re-send what was not acknowledged (as modalities do). It is SIGKILLed
 while a worker analyses a study (between `job_started` and `job_done`) and restarted.
 
 Then Orthanc must hold exactly one GSPS per study, each referencing exactly the images
-of its study, with the GSPS UID of the study's first analysis generation; every instance
+of its study, with the GSPS UID of the study's one job (its analysis key and the model); every instance
 acknowledged before the first kill must have been in the node's data at the kill (file
 that parses with its UIDs, and a row), and nothing may be left to analyse.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicom_node.analyse.detector import load_detector
 from dicom_node.analyse.worker import result_uid
 from dicom_node.config import load_config
 from dicom_node.queue.ops import Queue
@@ -231,11 +232,13 @@ def test_kill_mid_burst_and_mid_analysis_loses_nothing_and_reports_once(tmp_path
 
     found = gsps_by_study(orthanc)
     jobs = queue.list_jobs(limit=100)
+    model = load_detector(load_config(config).detector).fingerprint
     for study_uid in set(study_of.values()):
         (gsps,) = found[study_uid]  # exactly one GSPS per study
         assert referenced_images(gsps) == {uid for uid, s in study_of.items() if s == study_uid}
-        # The first analysis generation's deterministic UID: a re-run after the kill is the same object.
-        assert gsps.SOPInstanceUID == result_uid(study_uid, 1, "gsps-instance")
+        # The UID of the study's job (its stored analysis key): a re-run after the kill is the same object.
+        (job,) = [job for job in jobs if job.study_uid == study_uid]
+        assert gsps.SOPInstanceUID == result_uid(job.analysis_key, model, "gsps-instance")
         path = tmp_path / f"{gsps.SOPInstanceUID}.dcm"
         gsps.save_as(path, enforce_file_format=True)
         assert_dciodvfy_clean(path)
@@ -263,12 +266,12 @@ def test_kill_mid_burst_and_mid_analysis_loses_nothing_and_reports_once(tmp_path
 
 def test_result_uids_are_the_same_on_every_attempt():
     """A job re-run after a crash must rebuild the same GSPS (PS3.5 B.2 UUID-derived UIDs)."""
-    study = "1.2.826.0.1.3680043.8.498.1"
-    first = result_uid(study, 1, "gsps-instance")
-    assert first == result_uid(study, 1, "gsps-instance")
+    key, model = "0123456789abcdef0123456789abcdef", "fingerprint"
+    first = result_uid(key, model, "gsps-instance")
+    assert first == result_uid(key, model, "gsps-instance")
     assert first.startswith("2.25.") and len(first) <= 64
-    others = {result_uid(study, 2, "gsps-instance"), result_uid(study, 1, "gsps-series"),
-              result_uid(study + "1", 1, "gsps-instance")}
+    others = {result_uid(key[::-1], model, "gsps-instance"), result_uid(key, model, "gsps-series"),
+              result_uid(key, model + "2", "gsps-instance")}
     assert first not in others and len(others) == 3
 
 

@@ -70,8 +70,8 @@ def image(folder: Path, megabytes: int, *, seed: int) -> Path:
     return synthetic.write(ds, folder / f"{ds.SOPInstanceUID}.dcm")
 
 
-def test_the_watermark_holds_while_data_sets_arrive_and_the_job_table_stays_writable(tmpfs, tmp_path):
-    disk = tmpfs(FILESYSTEM_MEGABYTES)
+def test_the_watermark_holds_while_data_sets_arrive_and_the_job_table_stays_writable(small_filesystem, tmp_path):
+    disk = small_filesystem(tmp_path / "disk", size=f"{FILESYSTEM_MEGABYTES}m").path
     data_dir = disk / "data"
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({"label": "TEST DOUBLE: fixed boxes", "boxes": [[0.2, 0.2, 0.4, 0.4, 0.9]]}))

@@ -23,7 +23,7 @@ def test_migrate_twice_keeps_the_data(queue, database_url, tmp_path):
     finally:
         again.close()
     with sqlite3.connect(tmp_path / "queue.sqlite") as raw:
-        assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
         assert raw.execute("SELECT count(*) FROM instances").fetchone() == (1,)
 
 

@@ -25,8 +25,8 @@ OUT_OF_RESOURCES = "Refused: OutOfResources"
 
 
 @pytest.fixture
-def small_filesystem(tmpfs) -> Path:
-    return tmpfs(TMPFS_MEGABYTES)
+def small_disk(small_filesystem, tmp_path) -> Path:
+    return small_filesystem(tmp_path / "tmpfs", size=f"{TMPFS_MEGABYTES}m").path
 
 
 def instance(folder: Path, *, rows: int, columns: int, seed: int = 0) -> Path:
@@ -47,9 +47,9 @@ def assert_refused_and_nothing_written(node, result) -> None:
 
 
 def test_store_is_refused_below_the_watermark_and_resumes_when_space_returns(
-    small_filesystem, make_node, tmp_path
+    small_disk, make_node, tmp_path
 ):
-    node = make_node(node={"data_dir": str(small_filesystem / "data"),
+    node = make_node(node={"data_dir": str(small_disk / "data"),
                            "min_free_megabytes": WATERMARK_MEGABYTES})
     # ~26 MB of pixel data: the filesystem has room for it (32 MB), but storing it
     # would leave less than the watermark, so the incoming size must be counted.
@@ -58,7 +58,7 @@ def test_store_is_refused_below_the_watermark_and_resumes_when_space_returns(
     assert_refused_and_nothing_written(node, storescu(node.port, large))
 
     # Fill the disk until less than the watermark is left: even a small image is refused.
-    ballast = small_filesystem / "ballast"
+    ballast = small_disk / "ballast"
     keep_free = (WATERMARK_MEGABYTES - 2) * MEGABYTE
     with open(ballast, "wb") as out:
         out.write(b"\0" * (node.store.free_bytes() - keep_free))
