@@ -382,6 +382,16 @@ class InstanceStore:
                 self._fsync_dir(folder)
         return removed
 
+    def remove_ledger(self, study_uid: str) -> bool:
+        """Delete the study's delivered-results ledger (with its study, by retention)."""
+        path = self.ledger_path(study_uid)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        self._fsync_dir(path.parent)
+        return True
+
     def instance_files(self) -> Iterator[Path]:
         """Every file at instance depth (instances/<study>/<series>/<file>), in no order."""
         for study in _subdirs(self.instances_dir):

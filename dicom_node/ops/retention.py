@@ -92,7 +92,11 @@ def _purge_one(
     """Remove one study (rows and files together); None if it no longer qualifies."""
 
     def remove_files(instance_paths: list[str], result_paths: list[str]):
-        return len(instance_paths), store.remove_files(instance_paths, result_paths)
+        removed = store.remove_files(instance_paths, result_paths)
+        # Its ledger says what was delivered; gone with the study, or a rebuilt database
+        # would take a study sent again for one already delivered.
+        store.remove_ledger(study.study_uid)
+        return len(instance_paths), removed
 
     outcome = queue.purge_study(
         study.study_uid, delivered_before=delivered_before, remove_files=remove_files

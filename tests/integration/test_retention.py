@@ -62,10 +62,12 @@ def wait_for_delivery(node: FaultNode, study_uid: str, *states: str):
 
 
 def study_files(node: FaultNode, study_uid: str) -> list[Path]:
-    """The instance files and result files the study's rows name."""
+    """The instance files and result files the study's rows name, and its delivered-results
+    ledger once a delivery is done."""
     job = node.job_of(study_uid)
     paths = [Path(i.path) for i in node.queue.study_instances(study_uid)]
-    return paths + ([Path(job.result_path)] if job and job.result_path else [])
+    ledger = node.config.parent / "data" / "results" / "delivered" / f"{study_uid}.json"
+    return paths + ([Path(job.result_path)] if job and job.result_path else []) + ([ledger] if ledger.exists() else [])
 
 
 def assert_removed(node: FaultNode, study_uid: str, files: list[Path]) -> None:
@@ -76,7 +78,7 @@ def assert_removed(node: FaultNode, study_uid: str, files: list[Path]) -> None:
 
 
 def assert_whole(node: FaultNode, study_uid: str, files: list[Path]) -> None:
-    assert len(files) == 3  # two images and one GSPS
+    assert len(files) in (3, 4)  # two images, one GSPS, and its ledger once delivered
     assert all(path.exists() for path in files)
     assert len(node.queue.study_instances(study_uid)) == 2
     assert node.job_of(study_uid) is not None
@@ -93,6 +95,7 @@ def test_readme_purge_removes_the_delivered_study_from_a_running_node_and_keeps_
     receiver.wait_for_files(1)
     delivered_files = study_files(node, delivered)
     assert_whole(node, delivered, delivered_files)
+    assert delivered_files[-1].name == f"{delivered}.json"  # the ledger goes with the study
 
     receiver.stop()  # the PACS goes down: the next study's result waits
     waiting = send_study(node, tmp_path / "waiting")
