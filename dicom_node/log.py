@@ -428,7 +428,14 @@ def capture_stray_output(*, native: bool = False) -> StrayOutput:
     descriptors, which the workers it spawns inherit as their real stdout and stderr.
     """
     global _direct_stream
-    native_output = _NativeOutput() if native else None
+    if _direct_stream is not None:
+        return StrayOutput(None)  # done already: sys.stderr is ours now, not the real one
+    native_output = None
+    if native:
+        try:
+            native_output = _NativeOutput()
+        except OSError as error:  # no descriptor left to dup: C output stays as it is
+            get_logger(OWN_LOGGER).warning("native_output_not_captured", error=type(error).__name__)
     _direct_stream = native_output.direct_stream() if native_output else sys.stderr
     sys.stdout = _StrayLines("stdout", 1)
     sys.stderr = _StrayLines("stderr", 2)

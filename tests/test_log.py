@@ -55,7 +55,7 @@ def components(value: str) -> list[str]:
 
 
 def leaked(text: str, value: str) -> list[str]:
-    return [c for c in components(value) if re.search(rf"(?<![A-Za-z0-9]){re.escape(c)}(?![A-Za-z0-9])", text, re.I)]
+    return [c for c in components(value) if re.search(rf"(?<![A-Za-z0-9]){re.escape(c)}(?![A-Za-z0-9])", text, re.IGNORECASE)]
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
