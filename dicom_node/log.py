@@ -122,6 +122,23 @@ def _drop_phi(_logger, _method, event_dict):
     return event_dict
 
 
+def _exception_as_type_and_site(_logger, _method, event_dict):
+    """``log.exception(...)``/``exc_info=``: the exception's type and raise site, no traceback.
+
+    A traceback ends with the exception's message, and a library's can quote a dataset.
+    """
+    exc_info = event_dict.pop("exc_info", None)
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    if isinstance(exc_info, tuple) and exc_info[0] is not None:
+        event_dict.setdefault("error", exc_info[0].__name__)
+        event_dict.setdefault("error_at", raise_site(exc_info[2]))
+    event_dict.pop("stack_info", None)
+    return event_dict
+
+
 # --------------------------------------------------------------------------- output streams
 
 # Where our lines go once capture_stray_output has replaced sys.stdout/sys.stderr; until
@@ -279,7 +296,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _drop_phi,
-            structlog.processors.format_exc_info,
+            _exception_as_type_and_site,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -205,3 +205,19 @@ def test_stray_output_from_python_and_from_c_becomes_redacted_json_events(tmp_pa
         ("stdout", "patient ..."),
     ]
     assert any(e["event"] == "ours" and e["study_uid"] == "1.2.3" for e in events)  # ours untouched
+
+
+def test_our_own_exception_logging_keeps_the_type_and_site_not_the_traceback(capsys):
+    from dicom_node.log import get_logger
+
+    configure_logging("info", "json")
+    try:
+        raise ValueError(f"cannot decode {synthetic.FAKE_PATIENT_NAME}")
+    except ValueError:
+        get_logger("dicom_node.test").exception("decode_failed", study_uid="1.2.3")
+    err = capsys.readouterr().err
+    (event,) = json_lines(err)
+    assert (event["event"], event["error"], event["study_uid"]) == ("decode_failed", "ValueError", "1.2.3")
+    assert re.fullmatch(r"test_log\.py:\d+", event["error_at"])
+    assert "Traceback" not in err
+    assert_no_phi(err)
