@@ -28,9 +28,9 @@ What is counted, case-insensitively: the suite's fixed fake identifiers
 out by tests/synthetic.fake_patient() in this session: its name with carets, without, with
 odd characters, each distinctive word of it (family, given and middle names, patient ID,
 accession number) on its own, and the birth date as YYYYMMDD and YYYY-MM-DD (a date only
-where no digit touches it, so that long UIDs do not match by chance). A JSON line is also
-searched with its escapes decoded (``\\u00d8``). Identical lines from two sources (a node
-log printed by a fixture) count once.
+where no digit touches it, so that long UIDs do not match by chance). A JSON line is
+searched with its escapes decoded (``\\u00d8``). Each occurrence counts once; identical
+lines from two sources (a node log printed by a fixture) count once.
 """
 
 from __future__ import annotations
@@ -117,11 +117,12 @@ def _needles() -> list[tuple[str, re.Pattern]]:
 
 
 def _searchable(line: str) -> str:
+    """The line in lower case; a JSON line with its \\u escapes decoded."""
     try:
         parsed = json.loads(line)
     except ValueError:
         return line.lower()
-    return f"{line}\n{json.dumps(parsed, ensure_ascii=False)}".lower()
+    return json.dumps(parsed, ensure_ascii=False).lower()
 
 
 def find_phi(texts: Iterable[tuple[str, str]], test: str = "") -> list[Finding]:
