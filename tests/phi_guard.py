@@ -29,8 +29,8 @@ out by tests/synthetic.fake_patient() in this session: its name with carets, wit
 odd characters, each distinctive word of it (family, given and middle names, patient ID,
 accession number) on its own, and the birth date as YYYYMMDD and YYYY-MM-DD (a date only
 where no digit touches it, so that long UIDs do not match by chance). A JSON line is
-searched with its escapes decoded (``\\u00d8``). Each occurrence counts once; identical
-lines from two sources (a node log printed by a fixture) count once.
+searched with its escapes decoded (``\\u00d8``). Every match counts (a full name also matches
+its parts); identical lines from two sources (a node log printed by a fixture) count once.
 """
 
 from __future__ import annotations
