@@ -146,7 +146,6 @@ class PhiGuard:
     watchers: list[_Watcher] = field(default_factory=list)
     pending: list[tuple[str, str]] = field(default_factory=list)
     sections: list[tuple[str, str]] = field(default_factory=list)
-    tests: int = 0
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.sections.extend(
@@ -157,12 +156,11 @@ class PhiGuard:
 
     def _count(self, test: str) -> None:
         texts = self.sections + self.pending
-        finished = [w for w in self.watchers if w.done()]  # before reading: no line is missed
+        done = [w.done() for w in self.watchers]  # before reading: no line is missed
         texts += [(w.source, w.new_text()) for w in self.watchers]
-        self.watchers = [w for w in self.watchers if w not in finished]
+        self.watchers = [w for w, finished in zip(self.watchers, done, strict=True) if not finished]
         self.sections, self.pending = [], []
         self.findings.extend(find_phi(texts, test))
-        self.tests += 1
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self._count("(after the last test)")
