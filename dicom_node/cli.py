@@ -22,10 +22,12 @@ CONFIG_HELP = f"node config TOML (default: ${CONFIG_ENV} if set, else {FALLBACK_
 
 def _load(args):
     from dicom_node.config import load_config
+    from dicom_node.libraries import configure_libraries
     from dicom_node.log import configure_logging
 
     config = load_config(args.config)
     configure_logging(config.logging.level, config.logging.format)
+    configure_libraries()
     return config
 
 
@@ -374,12 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report_failure(error: NodeError) -> int:
-    """Print `error` as one line on stderr; return the exit status (2: configuration, 1: other)."""
-    if isinstance(error, ConfigError):
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    print(f"error: {error}", file=sys.stderr)
-    return 1
+    """Print `error` as one line on stderr; return the exit status (2: configuration, 1: other).
+
+    In `serve`, where every line on stderr is a log event (dicom_node.log), the line is the
+    `command_failed` event's `error`.
+    """
+    status, line = (2, f"config error: {error}") if isinstance(error, ConfigError) else (1, f"error: {error}")
+    from dicom_node.log import get_logger, stray_output_captured
+
+    if stray_output_captured():
+        get_logger("dicom_node.cli").error("command_failed", error=line, exit_status=status)
+    else:
+        print(line, file=sys.stderr)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -340,6 +340,9 @@ class Node:
 
 
 def serve(config: Config) -> int:
+    from dicom_node.log import capture_stray_output
+
+    capture_stray_output()  # every line on stderr is a log event: see dicom_node.log
     node = Node(config)
     node.handle_signals()
     return node.run()

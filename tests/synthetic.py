@@ -7,12 +7,15 @@ syntaxes uses the real dcmtk tools (see `transcode`).
 
 from __future__ import annotations
 
+import random
 import subprocess
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
 from pydicom.uid import (
     DigitalMammographyXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
@@ -25,6 +28,99 @@ FAKE_PATIENT_NAME = "PHANTOM^JANE^SYNTHETIC"
 FAKE_PATIENT_ID = "SYNTH-PID-4711"
 FAKE_BIRTH_DATE = "19700101"
 FAKE_ACCESSION = "SYNTHACC0815"
+
+
+# Letters that rarely stand together in any language: a fresh fake name made of them is
+# found by a plain substring search, component by component (tests/phi_guard.py).
+_RARE_LETTERS = "BCDFGHJKLMNPQRSTVWXZ"
+
+
+@dataclass(frozen=True)
+class FakePatient:
+    """Fresh, distinctive fake patient data (``fake_patient()``): every word starts with ZQ."""
+
+    family: str
+    given: str
+    middle: str
+    patient_id: str
+    birth_date: str  # DA, YYYYMMDD, in the 1890s (no other date in the tests is)
+    accession: str
+
+    @property
+    def name(self) -> str:
+        """PN with carets, as PS3.5 6.2.1.2 writes it: ``ZQXWVB^ZQKJHG``."""
+        return f"{self.family}^{self.given}"
+
+    @property
+    def name_without_carets(self) -> str:
+        """As many systems write it anyway: ``ZQXWVB ZQKJHG`` (a single-component PN)."""
+        return f"{self.family} {self.given}"
+
+    @property
+    def name_with_odd_characters(self) -> str:
+        """Apostrophe, hyphen, non-ASCII letters, a quote, an ideographic group (UTF-8)."""
+        return f"{self.family}-\u00d8'{self.middle}^{self.given} \"\u00dc\"=\u30ba\u30ad"
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        """The distinctive parts: each must be absent from any output on its own."""
+        return (self.family, self.given, self.middle, self.patient_id, self.accession)
+
+
+# Every FakePatient handed out in this process; tests/phi_guard.py searches all output for them.
+ISSUED_PATIENTS: list[FakePatient] = []
+
+
+def fake_patient(seed: int | None = None) -> FakePatient:
+    """A fresh fake patient, different in every test (and recorded in ISSUED_PATIENTS)."""
+    rng = random.Random(seed)
+
+    def word(n: int) -> str:
+        return "ZQ" + "".join(rng.choice(_RARE_LETTERS) for _ in range(n))
+
+    born = date(1890, 1, 1) + timedelta(days=rng.randrange(3650))
+    patient = FakePatient(
+        family=word(6), given=word(6), middle=word(5),
+        patient_id=f"ZQPID{rng.randrange(10**8):08d}",
+        birth_date=born.strftime("%Y%m%d"),
+        accession=f"ZQACC{rng.randrange(10**8):08d}",
+    )  # fmt: skip
+    ISSUED_PATIENTS.append(patient)
+    return patient
+
+
+def with_patient(ds: Dataset, patient: FakePatient, *, name: str | None = None) -> Dataset:
+    """``ds`` with ``patient``'s data in its usual attributes and in odd places.
+
+    Odd places, where a careless log line or dump would find them: Other Patient IDs
+    Sequence, a private block, Patient Comments, Referring Physician's Name, and a
+    sequence nested two levels deep. ``name``: the Patient's Name to use (default
+    ``patient.name``), e.g. ``patient.name_without_carets``.
+    """
+    name = patient.name if name is None else name
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, for the odd characters
+    ds.PatientName = name
+    ds.PatientID = patient.patient_id
+    ds.PatientBirthDate = patient.birth_date
+    ds.AccessionNumber = patient.accession
+    ds.ReferringPhysicianName = name
+    ds.PatientComments = f"{name}, born {patient.birth_date}, ID {patient.patient_id}, accession {patient.accession}"
+    other = Dataset()
+    other.PatientID = patient.patient_id
+    other.IssuerOfPatientID = patient.name_without_carets
+    ds.OtherPatientIDsSequence = Sequence([other])
+    block = ds.private_block(0x0029, "DICOM NODE TESTS", create=True)
+    block.add_new(0x01, "LO", patient.name_without_carets)
+    block.add_new(0x02, "LO", patient.patient_id)
+    block.add_new(0x03, "DA", patient.birth_date)
+    issuer = Dataset()
+    issuer.LocalNamespaceEntityID = f"{name} {patient.accession}"
+    request = Dataset()
+    request.AccessionNumber = patient.accession
+    request.RequestedProcedureID = patient.patient_id[-16:]
+    request.IssuerOfAccessionNumberSequence = Sequence([issuer])
+    ds.RequestAttributesSequence = Sequence([request])
+    return ds
 
 
 def mammogram(

@@ -70,6 +70,11 @@ def test_serve_on_a_port_in_use_is_a_config_error_and_exits(tmp_path):
     assert result.returncode == 2, result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+    # Once serve has its config, every line on stderr is a JSON event, the reason included.
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    (failed,) = [e for e in events if e["event"] == "command_failed"]
+    assert failed["exit_status"] == 2
+    assert failed["error"].startswith(f"config error: node.host/node.port: cannot listen on 127.0.0.1:{port}")
 
 
 def test_purge_with_a_bad_duration_is_one_line_naming_the_argument(tmp_path):

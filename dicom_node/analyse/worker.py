@@ -298,10 +298,36 @@ def _die_with_parent() -> None:
 
 
 def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds: float = 0.5) -> None:
-    """Entry point of a worker process: load the model once, then claim jobs until told to stop."""
+    """Entry point of a worker process (spawned: it inherits none of the parent's settings).
+
+    Everything it prints is a log event (dicom_node.log, dicom_node.libraries), and it
+    never ends with a traceback: multiprocessing prints "Process worker-1:" and the
+    traceback of an exception that escapes the target, whose last line is the exception's
+    message (a library's message can quote dataset values). Such an exception is logged
+    as `worker_crashed` with its type and raise site, and the process exits with status 1
+    (the pool logs worker_died and replaces it).
+    """
+    from dicom_node.libraries import configure_libraries
+    from dicom_node.log import capture_stray_output, configure_logging
+
+    configure_logging(config.logging.level, config.logging.format)
+    configure_libraries()
+    stray_output = capture_stray_output(native=True)  # C decoders write to fd 2 themselves
+    try:
+        _run_worker(config, name, stop_event, ready_queue, poll_seconds)
+    except SystemExit:
+        raise
+    except BaseException as error:
+        log.error("worker_crashed", worker=name, error=describe_error(error))
+        raise SystemExit(1) from None
+    finally:
+        stray_output.close()
+
+
+def _run_worker(config: Config, name: str, stop_event, ready_queue, poll_seconds: float) -> None:
+    """Load the model once, then claim jobs until told to stop."""
     from dicom_node.analyse.detector import load_detector
     from dicom_node.errors import CheckpointError
-    from dicom_node.log import configure_logging
     from dicom_node.queue.ops import Queue
     from dicom_node.store import InstanceStore
 
@@ -311,7 +337,6 @@ def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
     parent_pid = os.getppid()
-    configure_logging(config.logging.level, config.logging.format)
     worker_log = log.bind(worker=name)
     try:
         detector = load_detector(config.detector, device=config.workers.device)

@@ -5,13 +5,11 @@ Everything that bends pynetdicom lives here, each with the reason it exists.
 
 from __future__ import annotations
 
-import logging
 import socket
 import tempfile
 import threading
 from pathlib import Path
 
-import pydicom.config
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -37,6 +35,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.config import Config
 from dicom_node.errors import ConfigError
+from dicom_node.libraries import configure_libraries
 from dicom_node.log import get_logger
 from dicom_node.receive.access import (
     ConnectionTable,
@@ -222,41 +221,15 @@ class StoreServer(ThreadedAssociationServer):
             if not started:
                 self.connections.remove(request)
 
-class _WithoutReceivedValues(logging.Filter):
-    """Keeps pynetdicom's log lines free of what peers sent.
-
-    pynetdicom quotes received values ("Non-conformant 'Affected SOP Instance UID' value
-    '...'", and a hostile UID may hold a patient's name) and attaches tracebacks whose
-    text holds raw PDU bytes. A line is kept up to its first quote, a traceback as its type.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message, quote, _ = record.getMessage().partition("'")
-        if quote:
-            message = f"{message.rstrip()} (received values not logged)"
-        if record.exc_info and record.exc_info[0] is not None:
-            message = f"{message} [{record.exc_info[0].__name__}]"
-        record.msg, record.args = message, None
-        record.exc_info = record.exc_text = record.stack_info = None
-        return True
-
-def _keep_received_values_out_of_logs() -> None:
-    """Filter every pynetdicom logger (a logger's filters do not apply to its children)."""
-    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "pynetdicom"]
-    for logger in map(logging.getLogger, names):
-        if not any(isinstance(f, _WithoutReceivedValues) for f in logger.filters):
-            logger.addFilter(_WithoutReceivedValues())
 
 def build_ae(config: Config) -> AE:
     """The application entity with this node's presentation contexts and limits."""
     # Spool C-STORE datasets to a file as they arrive instead of decoding them:
     # constant memory per association and the bytes are stored as sent.
     _config.STORE_RECV_CHUNKED_DATASET = True
-    # pydicom's reading validation warns (log and stderr) quoting the value, e.g. of a
-    # command's "UID" that holds a patient's name; this process validates what it reads
-    # itself (dicom_node.receive.structure, validate_uid).
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    _keep_received_values_out_of_logs()
+    # What pydicom and pynetdicom print (reading validation, pynetdicom's loggers): done
+    # at every process start, and here for an SCP started on its own (tests).
+    configure_libraries()
     ae = AE(ae_title=config.node.ae_title)
     # PS3.8 D.1: the Maximum Length a peer may send us. pynetdicom holds a whole PDU in
     # memory (several copies) before spooling it: unlimited, a 128 MiB image sent as one

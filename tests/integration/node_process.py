@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests import phi_guard
+
 READY_TIMEOUT_SECONDS = 240
 
 
@@ -75,7 +77,10 @@ class NodeProcess:
             [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        reader = threading.Thread(target=self._read, daemon=True)
+        reader.start()
+        # Every line the node and its workers print is searched for fake patient data.
+        phi_guard.watch(lambda: self.lines, "dicom-node serve", done=lambda: not reader.is_alive())
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         while not self._ready.wait(0.2):
             if self.process.poll() is not None or time.monotonic() > deadline:
