@@ -116,6 +116,19 @@ def raise_site(tb) -> str:
     return code_location(frames[-1].filename, frames[-1].lineno) if frames else "?"
 
 
+def describe_error(error: BaseException) -> str:
+    """An error safe to store and log: our own messages, else its type and raise site.
+
+    Messages of library exceptions (pydicom, numpy, codecs, SQLAlchemy) can quote values
+    they were given, patient name included, so they never reach the job table or the logs.
+    """
+    from dicom_node.errors import NodeError
+
+    if isinstance(error, NodeError):
+        return str(error)
+    return f"{type(error).__name__} at {raise_site(error.__traceback__)}"
+
+
 def _drop_phi(_logger, _method, event_dict):
     for key in [k for k in event_dict if k.lower() in PHI_KEYS]:
         event_dict[key] = "<removed>"

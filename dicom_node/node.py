@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 
 from dicom_node.config import Config
 from dicom_node.errors import ConfigError, QueueUnavailable
-from dicom_node.log import get_logger
+from dicom_node.log import describe_error, get_logger
 from dicom_node.queue.outage import Outage
 from dicom_node.systemd import sd_notify
 
@@ -244,7 +244,7 @@ class Node:
             except QueueUnavailable as error:  # logged once per outage; tried again after a pause
                 retry_at = time.monotonic() + outage.failed(error)
             except Exception as error:  # keep scheduling; the database may be busy for a moment
-                log.error("scheduler_error", error=f"{type(error).__name__}: {error}")
+                log.error("scheduler_error", error=describe_error(error))
             if time.monotonic() - last_watchdog > watchdog_every:
                 sd_notify("WATCHDOG=1")
                 last_watchdog = time.monotonic()

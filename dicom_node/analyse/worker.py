@@ -20,17 +20,15 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import traceback
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pydicom
 
 from dicom_node.config import Config
-from dicom_node.errors import NodeError, PermanentError, QueueUnavailable, UnsupportedImage
-from dicom_node.log import get_logger
+from dicom_node.errors import PermanentError, QueueUnavailable, UnsupportedImage
+from dicom_node.log import describe_error, get_logger
 from dicom_node.queue.ops import LeaseLost, new_analysis_key
 from dicom_node.queue.outage import Outage
 
@@ -54,19 +52,6 @@ def result_uid(analysis_key: str, model: str, purpose: str) -> str:
     # entropy_srcs and returns a random UUID: a different UID on every attempt.)
     name = "/".join(("dicom-node", analysis_key, model, purpose))
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
-
-
-def describe_error(error: BaseException) -> str:
-    """A job error safe to store and log: our own messages, else type and raise site.
-
-    Messages of library exceptions (pydicom, numpy, codecs) can quote dataset values,
-    patient name included, so they never reach the job table or the logs.
-    """
-    if isinstance(error, NodeError):
-        return str(error)
-    frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
-    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-    return f"{type(error).__name__}{where}"
 
 
 @dataclass

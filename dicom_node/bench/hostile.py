@@ -105,14 +105,16 @@ def _associate(client: pdus.RawClient, *, called: str, calling: str) -> None:
         raise RuntimeError(f"the node did not accept the association: {reply}")
 
 
-def _stream(client: pdus.RawClient, chunks: Callable[[], bytes | None]) -> tuple[int, bool]:
-    """Send chunks until there are none or the node closes; (bytes sent, closed by node)."""
+def _flood(client: pdus.RawClient, piece: bytes, total: int) -> tuple[int, bool]:
+    """Send `piece` until `total` bytes are sent or the node closes, then see whether the
+    node hung up; (bytes sent, closed by node)."""
     sent = 0
-    while (chunk := chunks()) is not None:
+    while sent < total:
+        chunk = piece[: total - sent]
         if not client.send(chunk):
             return sent, True
         sent += len(chunk)
-    return sent, False
+    return sent, _closed_after(client)
 
 
 def _closed_after(client: pdus.RawClient) -> bool:
@@ -127,20 +129,8 @@ def claimed_associate_rq(port: int, *, claimed: int = 400 * MIB, called: str = "
     client = pdus.RawClient(port, timeout=10)
     start = time.monotonic()
     try:
-        header = struct.pack(">BBL", pdus.ASSOCIATE_RQ, 0, claimed)
-        zeros, remaining = bytes(CHUNK), claimed
-
-        def chunks():
-            nonlocal remaining
-            if remaining <= 0:
-                return None
-            take = min(remaining, CHUNK)
-            remaining -= take
-            return zeros[:take]
-
-        client.send(header)
-        outcome.sent_bytes, outcome.closed_by_node = _stream(client, chunks)
-        outcome.closed_by_node = outcome.closed_by_node or _closed_after(client)
+        client.send(struct.pack(">BBL", pdus.ASSOCIATE_RQ, 0, claimed))
+        outcome.sent_bytes, outcome.closed_by_node = _flood(client, bytes(CHUNK), claimed)
     finally:
         client.close()
     outcome.seconds = time.monotonic() - start
@@ -158,17 +148,7 @@ def command_fragments(
     try:
         _associate(client, called=called, calling=calling)
         pdu = pdus.p_data([(5, pdus.COMMAND_FRAGMENT, bytes(fragment))])
-        remaining = total
-
-        def chunks():
-            nonlocal remaining
-            if remaining <= 0:
-                return None
-            remaining -= fragment
-            return pdu
-
-        outcome.sent_bytes, outcome.closed_by_node = _stream(client, chunks)
-        outcome.closed_by_node = outcome.closed_by_node or _closed_after(client)
+        outcome.sent_bytes, outcome.closed_by_node = _flood(client, pdu, total // fragment * len(pdu))
     finally:
         client.close()
     outcome.seconds = time.monotonic() - start

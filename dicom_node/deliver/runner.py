@@ -12,7 +12,7 @@ from pathlib import Path
 from dicom_node.config import Config
 from dicom_node.deliver.scu import send_file
 from dicom_node.errors import ConfigError, PermanentError, QueueUnavailable, RetryableError
-from dicom_node.log import get_logger
+from dicom_node.log import describe_error, get_logger
 from dicom_node.queue.outage import Outage
 from dicom_node.store import InstanceStore, LedgerError
 
@@ -87,5 +87,5 @@ def run_deliveries(queue, config: Config, stop: threading.Event) -> None:
         except QueueUnavailable as error:  # logged once per outage, tried again after a pause
             stop.wait(outage.failed(error))
         except Exception as error:
-            log.error("delivery_loop_error", error=f"{type(error).__name__}: {error}")
+            log.error("delivery_loop_error", error=describe_error(error))
             stop.wait(1)

@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from dicom_node.config import Config
-from dicom_node.log import get_logger
+from dicom_node.log import describe_error, get_logger
 from dicom_node.queue.models import DeliveredStudy
 from dicom_node.queue.ops import Queue, utcnow
 from dicom_node.store import InstanceStore
@@ -248,5 +248,5 @@ def run_retention(queue: Queue, config: Config, stop: threading.Event) -> None:
                             min_free_megabytes=level // MEGABYTE)
             low = run.below_level
         except Exception as error:
-            log.error("retention_error", error=f"{type(error).__name__}: {error}")
+            log.error("retention_error", error=describe_error(error))
         stop.wait(retention.check_interval.total_seconds())

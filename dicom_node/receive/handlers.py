@@ -38,7 +38,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.status import Status
 
 from dicom_node.errors import QueueUnavailable
-from dicom_node.log import get_logger
+from dicom_node.log import describe_error, get_logger
 from dicom_node.receive.activity import ReceiveActivity
 from dicom_node.receive.limits import StorageLimits, spool_refusal
 from dicom_node.receive.structure import (
@@ -428,26 +428,20 @@ def _store(event: evt.Event, queue, store: InstanceStore, limits: StorageLimits)
         # Out of Resources). The fsynced file may stay: the re-send finds it in place, and
         # store.reconcile records it at the next start if no re-send comes. Deleting it
         # could remove the file of a concurrent duplicate that was acknowledged.
-        log.error(
-            "instance_store_failed",
-            error=str(error),
-            status=f"0x{StoreStatus.OUT_OF_RESOURCES:04X}",
-            sop_instance_uid=safe_uid(request.AffectedSOPInstanceUID),
-        )
-        return _status(StoreStatus.OUT_OF_RESOURCES, f"job database {error.kind}; retry later")
+        return _failed(request, StoreStatus.OUT_OF_RESOURCES, f"job database {error.kind}; retry later",
+                       error=str(error))
     except OSError as error:
-        log.error(
-            "instance_store_failed",
-            error=f"{type(error).__name__}: {error.strerror or error}",
-            sop_instance_uid=safe_uid(request.AffectedSOPInstanceUID),
-        )
-        return _status(StoreStatus.OUT_OF_RESOURCES, "cannot write the instance")
+        return _failed(request, StoreStatus.OUT_OF_RESOURCES, "cannot write the instance",
+                       error=f"{type(error).__name__}: {error.strerror or error}")
     except Exception as error:
-        # Only identifiers reach this point (the dataset is read in read_identity,
-        # which reports parse errors by type only), so the message is safe to log.
-        log.error(
-            "instance_store_failed",
-            error=f"{type(error).__name__}: {str(error)[:500]}",
-            sop_instance_uid=safe_uid(request.AffectedSOPInstanceUID),
-        )
-        return _status(StoreStatus.PROCESSING_FAILURE, "internal error while storing")
+        # Received values are read in read_identity only, which reports parse errors by
+        # type; whatever else fails is ours: its type and raise site are what helps.
+        return _failed(request, StoreStatus.PROCESSING_FAILURE, "internal error while storing",
+                       error=describe_error(error))
+
+
+def _failed(request, status: StoreStatus, comment: str, *, error: str) -> Dataset:
+    """A failure status for the sender and an ERROR line for the operator."""
+    log.error("instance_store_failed", error=error, status=f"0x{status:04X}",
+              sop_instance_uid=safe_uid(request.AffectedSOPInstanceUID))
+    return _status(status, comment)

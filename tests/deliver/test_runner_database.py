@@ -23,7 +23,6 @@ from dicom_node.store import InstanceStore
 from tests import synthetic
 from tests.integration.process import wait_for
 from tests.queue.queue_helpers import record
-from tests.sqlite_faults import small_filesystem  # noqa: F401 (fixture)
 
 
 def test_the_delivery_loop_logs_a_full_disk_once_and_delivers_when_space_is_back(
