@@ -447,6 +447,9 @@ class StrayOutput:
             self._native = None
 
 
+_operator_stream = None  # the real stdout, once capture_stray_output has replaced sys.stdout
+
+
 def capture_stray_output(*, native: bool = False) -> StrayOutput:
     """Turn whatever this process writes to stdout/stderr, other than our log lines, into events.
 
@@ -467,9 +470,22 @@ def capture_stray_output(*, native: bool = False) -> StrayOutput:
         except OSError as error:  # no descriptor left to dup: C output stays as it is
             get_logger(OWN_LOGGER).warning("native_output_not_captured", error=type(error).__name__)
     _direct_stream = native_output.direct_stream() if native_output else sys.stderr
+    global _operator_stream
+    _operator_stream = sys.stdout
     sys.stdout = _StrayLines("stdout", 1)
     sys.stderr = _StrayLines("stderr", 2)
     return StrayOutput(native_output)
+
+
+def say_to_operator(line: str) -> None:
+    """One human line on the real stdout (the JSON logs are on stderr): `serve`'s start line.
+
+    Our own words, never a received value; it bypasses the stray-output capture, which
+    would turn it into a redacted `stray_output` event.
+    """
+    stream = _operator_stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
 
 
 def stray_output_captured() -> bool:

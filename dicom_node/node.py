@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 
 from dicom_node.config import Config
 from dicom_node.errors import ConfigError, QueueUnavailable
-from dicom_node.log import describe_error, get_logger
+from dicom_node.log import describe_error, get_logger, say_to_operator
 from dicom_node.queue.outage import Outage
 from dicom_node.systemd import sd_notify
 
@@ -311,7 +311,7 @@ class Node:
             listening={"ae_title": config.node.ae_title, "host": config.node.host, "port": self.port},
         ).start()
         log.info("node_ready", ae_title=config.node.ae_title, host=config.node.host, port=self.port)
-        print(start_line(config, self.port), flush=True)  # for the person who started it (stdout)
+        say_to_operator(start_line(config, self.port))  # for the person who started it (stdout)
         sd_notify("READY=1")
         self._wait_for_stop()
 

@@ -166,7 +166,10 @@ def test_a_corrupt_database_stops_serve_and_status_with_one_line_and_exit_status
         result = run_cli(config, *command)
         assert result.returncode == 2, (command, result.stdout, result.stderr)
         assert "Traceback" not in result.stdout + result.stderr
-        errors = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+        # serve's failure is a JSON event (every line of its stderr is), the CLI's a plain line.
+        errors = [json.loads(line)["error"] if line.startswith("{") else line
+                  for line in result.stderr.splitlines()
+                  if not line.startswith("{") or json.loads(line)["event"] == "command_failed"]
         assert errors == [
             f"config error: node.data_dir: {path} is not a readable SQLite database (not a database); "
             "move it away (with its -wal and -shm files) and start again: stored instances are recorded "

@@ -177,6 +177,31 @@ def test_pacs_routing_path_and_nothing_found_is_reported(tmp_path, orthanc, node
         assert any("analysed, no mass marked" in t for t in texts)
 
 
+def test_two_nodes_analysing_one_study_send_the_pacs_two_results(tmp_path, orthanc, node_factory):
+    """A test node beside production (or a rebuilt one, or a new model) makes its own objects:
+    were their UIDs derived from the study alone, the PACS would keep the first one it got
+    and silently drop the other node's result."""
+    boxes = {"production": (0.10, 0.10, 0.30, 0.30, 0.90), "test": (0.50, 0.50, 0.80, 0.80, 0.90)}
+    nodes = {}
+    for name, box in boxes.items():
+        (tmp_path / name).mkdir()
+        nodes[name] = node_factory({"architecture": "fixed_boxes", "score_threshold": 0.5,
+                                    "weights": str(fixed_boxes_file(tmp_path / name, [box]))})
+    files = synthetic.study(tmp_path / "study", n_images=2)
+    for node in nodes.values():
+        result = storescu(files, node.port, "DICOM_NODE")
+        assert result.ok, result.output
+
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    both = wait_for(lambda: len(found := gsps_for_study(orthanc, study_uid)) == 2 and found,
+                    GSPS_TIMEOUT_SECONDS, description="a GSPS from each node in the PACS")
+    assert len({str(gsps.SOPInstanceUID) for gsps in both}) == 2
+    assert len({str(gsps.SeriesInstanceUID) for gsps in both}) == 2
+    image = pydicom.dcmread(files[0])
+    placed = sorted(tuple(round(v, 1) for v in boxes_by_image(gsps)[str(image.SOPInstanceUID)][0]) for gsps in both)
+    assert placed == sorted(tuple(round(v, 1) for v in expected_box(image, box)) for box in boxes.values())
+
+
 def test_default_config_serve_path_runs_the_demo_retinanet(tmp_path, orthanc, node_factory):
     """The real RetinaNet (demo weights) marks a synthetic phantom mass."""
     from dicom_node.analyse.weights import demo_weights_path

@@ -274,7 +274,7 @@ def test_the_runner_logs_an_error_and_goes_on(data_dir, queue, make_study):
     events = [e["event"] for e in logs]
     assert events[:3] == ["retention_started", "retention_error", "study_purged"], events
     (error,) = [e for e in logs if e["event"] == "retention_error"]
-    assert error["error"] == "OSError: [Errno 5] Input/output error"
+    assert error["error"].startswith("OSError at ")  # type and raise site: never a library's message
     assert_gone(queue, study)
 
 
