@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--node-log", type=Path, help="write the node's log (JSON lines) to this file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as folder:
         config = Path(folder) / "node.toml"
@@ -363,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
             if port is None:
                 raise SystemExit("the node did not start")
-            threading.Thread(target=lambda: [None for _ in node.stderr], daemon=True).start()
+            log = open(args.node_log, "w") if args.node_log else None  # noqa: SIM115 - closed with the node
+            threading.Thread(target=lambda: [log and log.write(line) for line in node.stderr], daemon=True).start()
             for round_ in range(args.rounds):
                 print(f"round {round_ + 1}: node pid {node.pid}, RSS {rss_bytes(node.pid) / MIB:.0f} MiB")
                 _print_header()

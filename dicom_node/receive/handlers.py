@@ -156,14 +156,17 @@ def _inflate(spool: Path, offset: int, target: Path, *, limits: StorageLimits, s
     try:
         with open(spool, "rb") as source, open(target, "wb") as out:
             source.seek(offset)
-            pending = b""
-            while True:
-                if not pending:
+            pending, read_all = b"", False
+            while not inflater.eof:
+                if not pending and not read_all:
                     pending = source.read(INFLATE_CHUNK)
-                    if not pending:
-                        break
+                    read_all = not pending
+                # With the input all read, zlib may still hold output in its window: asked
+                # again with no input, it gives it, up to the end of the stream.
                 data = inflater.decompress(pending, INFLATE_CHUNK)
                 pending = inflater.unconsumed_tail
+                if not data and not pending and read_all:
+                    break  # no input left and nothing more comes out: the stream is cut short
                 written += len(data)
                 if written > limits.max_dataset_bytes:
                     raise InstanceRefused(
@@ -173,8 +176,6 @@ def _inflate(spool: Path, offset: int, target: Path, *, limits: StorageLimits, s
                     )
                 check_free_space(store, incoming_bytes=len(data), min_free_bytes=limits.keep_free_bytes)
                 out.write(data)
-                if inflater.eof:
-                    break
     except zlib.error:
         raise InstanceRefused(
             StoreStatus.CANNOT_UNDERSTAND, "dataset cannot be parsed (broken deflate stream)"
