@@ -13,7 +13,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from dicom_node.errors import ConfigError, NodeError
+from dicom_node.errors import NodeError
+from dicom_node.log import report_failure
 
 CONFIG_ENV = "DICOM_NODE_CONFIG"  # the config file when --config is not given
 FALLBACK_CONFIG = "config/dicom-node.toml"
@@ -195,8 +196,8 @@ def cmd_analyze(args) -> int:
     """Offline: the node's pipeline on files, GSPS written to --out (one per study)."""
     import pydicom
 
-    from dicom_node.analyse.detector import load_detector
     from dicom_node.analyse.worker import report_study
+    from dicom_node.model.detector import load_detector
 
     config = _load(args)
     detector = load_detector(config.detector, device=args.device or config.workers.device)
@@ -220,7 +221,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_phantom(args) -> int:
-    from dicom_node.phantom import write_phantoms
+    from dicom_node.lab.phantom import write_phantoms
 
     annotations = write_phantoms(Path(args.out), n=args.n, seed=args.seed, rows=args.rows, columns=args.columns)
     print(f"wrote {args.n} synthetic phantom image(s) and {annotations} (SYNTHETIC - not patient data)")
@@ -228,8 +229,8 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from dicom_node.train.config import load_train_config
-    from dicom_node.train.loop import train
+    from dicom_node.lab.train.config import load_train_config
+    from dicom_node.lab.train.loop import train
 
     path = train(load_train_config(args.config), device=args.device)
     print(f"deployable checkpoint: {path}")
@@ -237,7 +238,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from dicom_node.evaluate.run import run_evaluation
+    from dicom_node.lab.evaluate.run import run_evaluation
 
     config = _load(args)
     detector = config.detector
@@ -253,7 +254,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_convert_cbis_ddsm(args) -> int:
-    from dicom_node.datasets.cbis_ddsm import convert_cbis_ddsm
+    from dicom_node.lab.datasets.cbis_ddsm import convert_cbis_ddsm
 
     summary = convert_cbis_ddsm(args.csv, Path(args.root), Path(args.out))
     print(json.dumps(summary.as_dict(), indent=2))
@@ -261,7 +262,7 @@ def cmd_convert_cbis_ddsm(args) -> int:
 
 
 def cmd_split(args) -> int:
-    from dicom_node.datasets.coco import write_splits
+    from dicom_node.lab.datasets.coco import write_splits
 
     written = write_splits(Path(args.data), seed=args.seed, group_by=args.group_by or None)
     for part, path in written.items():
@@ -270,7 +271,7 @@ def cmd_split(args) -> int:
 
 
 def cmd_import_detectron2(args) -> int:
-    from dicom_node.analyse.detectron2_import import import_detectron2
+    from dicom_node.model.detectron2_import import import_detectron2
 
     import_detectron2(Path(args.source), Path(args.target), architecture=args.architecture)
     print(f"wrote {args.target} ({args.architecture})")
@@ -373,22 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
     d2.add_argument("--architecture", required=True)
     d2.set_defaults(func=cmd_import_detectron2)
     return parser
-
-
-def report_failure(error: NodeError) -> int:
-    """Print `error` as one line on stderr; return the exit status (2: configuration, 1: other).
-
-    In `serve`, where every line on stderr is a log event (dicom_node.log), the line is the
-    `command_failed` event's `error`.
-    """
-    status, line = (2, f"config error: {error}") if isinstance(error, ConfigError) else (1, f"error: {error}")
-    from dicom_node.log import get_logger, stray_output_captured
-
-    if stray_output_captured():
-        get_logger("dicom_node.cli").error("command_failed", error=line, exit_status=status)
-    else:
-        print(line, file=sys.stderr)
-    return status
 
 
 def main(argv: list[str] | None = None) -> int:

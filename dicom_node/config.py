@@ -203,13 +203,6 @@ class DetectorConfig(_Section):
     for_processing: Literal["skip", "analyse"] = "skip"
     tomosynthesis: Literal["skip", "central_slice"] = "central_slice"
 
-    def weights_path(self) -> Path:
-        if self.weights == DEMO_WEIGHTS:
-            from dicom_node.analyse.weights import demo_weights_path
-
-            return demo_weights_path()
-        return Path(self.weights)
-
 
 LongString = Annotated[str, Field(min_length=1, max_length=64)]  # LO: at most 64 characters
 

@@ -495,3 +495,19 @@ def stray_output_captured() -> bool:
 
 def get_logger(name: str | None = None, **bound):
     return structlog.get_logger(name).bind(**bound) if bound else structlog.get_logger(name)
+
+
+def report_failure(error) -> int:
+    """Print `error` as one line on stderr; return the exit status (2: configuration, 1: other).
+
+    In `serve`, where every line on stderr is a log event (dicom_node.log), the line is the
+    `command_failed` event's `error`.
+    """
+    from dicom_node.errors import ConfigError
+
+    status, line = (2, f"config error: {error}") if isinstance(error, ConfigError) else (1, f"error: {error}")
+    if stray_output_captured():
+        get_logger("dicom_node.cli").error("command_failed", error=line, exit_status=status)
+    else:
+        print(line, file=sys.stderr)
+    return status

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pydicom
 
+from dicom_node.files import fsync_directory
 from dicom_node.log import get_logger
 
 log = get_logger("dicom_node.store")
@@ -97,36 +98,6 @@ def free_bytes(path: Path) -> int:
     """
     stats = os.statvfs(path)
     return stats.f_bavail * stats.f_frsize
-
-
-def write_file_atomically(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Replace ``path`` with ``data``: a reader sees the old content or the new, never a part.
-
-    For files beside the store's (the node's state file); the store's own files go through
-    InstanceStore.write_atomic. Written to a temp file beside ``path`` (same filesystem),
-    then renamed over it.
-    ``fsync=False`` for files that only describe the present (a state file rewritten
-    every few seconds): a power loss may then leave the old content, never a torn one.
-    """
-    path = Path(path)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    if fsync:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 class InstanceStore:
@@ -438,15 +409,9 @@ class InstanceStore:
             os.close(fd)
 
     def _fsync_dir(self, path: Path) -> None:
-        # The rename is durable only once the directory entry is on disk (POSIX
-        # leaves it to the application to fsync the directory after a rename).
-        if not self.fsync:
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # The rename is durable only once the directory entry is on disk.
+        if self.fsync:
+            fsync_directory(path)
 
 
 def _subdirs(folder: Path) -> Iterator[Path]:

@@ -2,7 +2,6 @@
 
 import subprocess
 
-import highdicom
 import pytest
 
 from tests import phi_guard

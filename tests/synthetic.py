@@ -1,7 +1,7 @@
 """Small synthetic mammograms for tests: valid MG DICOM with fake identifiers, no patient data.
 
 These are plain gradients with a bright disc where a test wants a "mass"; the realistic
-phantoms for training live in dicom_node.phantom. Transcoding to compressed transfer
+phantoms for training live in dicom_node.lab.phantom. Transcoding to compressed transfer
 syntaxes uses the real dcmtk tools (see `transcode`).
 """
 
@@ -17,9 +17,9 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     DigitalMammographyXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 

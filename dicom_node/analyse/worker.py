@@ -311,8 +311,8 @@ def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds
 
 def _run_worker(config: Config, name: str, stop_event, ready_queue, poll_seconds: float) -> None:
     """Load the model once, then claim jobs until told to stop."""
-    from dicom_node.analyse.detector import load_detector
     from dicom_node.errors import CheckpointError
+    from dicom_node.model.detector import load_detector
     from dicom_node.queue.ops import Queue
     from dicom_node.store import InstanceStore
 

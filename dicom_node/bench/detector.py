@@ -30,10 +30,10 @@ def _measure(architecture: str, input_size: int, device: str, repeat: int, rows:
     import pydicom
     import torch
 
-    from dicom_node.analyse.architectures import build_model
-    from dicom_node.analyse.detector import TorchDetector
     from dicom_node.analyse.worker import report_study
-    from dicom_node.phantom import phantom_dataset
+    from dicom_node.lab.phantom import phantom_dataset
+    from dicom_node.model.architectures import build_model
+    from dicom_node.model.detector import TorchDetector
     from dicom_node.pixels import prepare
 
     torch.manual_seed(0)

@@ -11,7 +11,12 @@ from pathlib import Path
 
 from dicom_node.config import Config
 from dicom_node.deliver.scu import send_file
-from dicom_node.errors import ConfigError, PermanentError, QueueUnavailable, RetryableError
+from dicom_node.errors import (
+    ConfigError,
+    PermanentError,
+    QueueUnavailable,
+    RetryableError,
+)
 from dicom_node.log import describe_error, get_logger
 from dicom_node.queue.outage import Outage
 from dicom_node.store import InstanceStore, LedgerError

@@ -64,7 +64,7 @@ def check_config(config: Config, *, source: str) -> str:
     data directory, TLS files, who may send, the ports (unless a node already runs on that
     data_dir: then they are its own), and last the detector (it loads the checkpoint).
     """
-    from dicom_node.analyse.detector import load_detector
+    from dicom_node.model.detector import load_detector
     from dicom_node.ops.runlock import running_node_pid
     from dicom_node.receive.access import check_access_config
     from dicom_node.tls import check_tls

@@ -93,11 +93,11 @@ class StateWriter:
         return self
 
     def write(self) -> None:
-        from dicom_node.store import write_file_atomically
+        from dicom_node.files import SHARED, write_atomically
 
         document = state_document(self._snapshot(), listening=self._listening, pid=os.getpid(), now=time.time())
         try:
-            write_file_atomically(self.path, json.dumps(document).encode(), fsync=False)
+            write_atomically(self.path, json.dumps(document), fsync=False, mode=SHARED)
         except OSError as error:  # e.g. the disk is full: `status` will call the file stale
             if not self._failing:
                 log.warning("state_write_failed", path=str(self.path), error=f"{type(error).__name__}: {error}")

@@ -106,7 +106,7 @@ _RESCALE_TYPES = frozenset(value.value for value in highdicom.RescaleTypeValues)
 
 
 class DetectionLike(Protocol):
-    """What the builder needs of a detection (dicom_node.analyse.detector.Detection)."""
+    """What the builder needs of a detection (dicom_node.model.detector.Detection)."""
 
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in original pixels
     score: float

@@ -17,9 +17,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.analyse.detector import load_detector
 from dicom_node.analyse.worker import process_job, report_study
 from dicom_node.config import Config, parse_config
+from dicom_node.model.detector import load_detector
 from dicom_node.queue import Queue, State
 from dicom_node.queue.outage import Outage
 from dicom_node.store import InstanceStore

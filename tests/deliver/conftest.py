@@ -15,8 +15,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import GrayscaleSoftcopyPresentationStateStorage, Verification
 from synthetic import mammogram
 
-from dicom_node.analyse.detector import Detection
 from dicom_node.config import DestinationConfig, ReportConfig
+from dicom_node.model.detector import Detection
 from dicom_node.report.gsps import build_gsps
 
 

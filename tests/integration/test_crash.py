@@ -22,9 +22,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.analyse.detector import load_detector
 from dicom_node.analyse.worker import result_uid
 from dicom_node.config import load_config
+from dicom_node.model.detector import load_detector
 from dicom_node.queue.ops import Queue
 from tests import synthetic
 from tests.dciodvfy import assert_dciodvfy_clean

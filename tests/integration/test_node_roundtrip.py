@@ -204,8 +204,8 @@ def test_two_nodes_analysing_one_study_send_the_pacs_two_results(tmp_path, ortha
 
 def test_default_config_serve_path_runs_the_demo_retinanet(tmp_path, orthanc, node_factory):
     """The real RetinaNet (demo weights) marks a synthetic phantom mass."""
-    from dicom_node.analyse.weights import demo_weights_path
-    from dicom_node.phantom import phantom_dataset
+    from dicom_node.lab.phantom import phantom_dataset
+    from dicom_node.model.checkpoints import demo_weights_path
 
     assert demo_weights_path().is_file(), "demo weights are not in the package"
     node = node_factory({"architecture": "retinanet_r18_fpn", "weights": "demo", "score_threshold": 0.5})

@@ -11,9 +11,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, generate_uid
-
 import synthetic  # tests/ is on sys.path (tests/conftest.py)
+from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, generate_uid
 
 from .dcmtk import echoscu, storescu
 from .orthanc import OrthancError, OrthancServer, modality

@@ -25,7 +25,13 @@ from pydicom.uid import (
 from dicom_node.errors import PermanentError, UnsupportedImage
 from dicom_node.pixels import central_frame, display_pixels, image_kind, prepare
 from tests.pixels.images import without_window
-from tests.synthetic import DCMTK_TRANSCODERS, compress_jpeg2000, mammogram, transcode, write
+from tests.synthetic import (
+    DCMTK_TRANSCODERS,
+    compress_jpeg2000,
+    mammogram,
+    transcode,
+    write,
+)
 
 LOSSLESS = [
     "explicit-little",

@@ -25,7 +25,6 @@ from dicom_node.bench.pdus import (  # noqa: F401
     release_rq,
 )
 
-
 # --------------------------------------------------------------------------- the mutator
 
 

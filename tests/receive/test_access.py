@@ -9,13 +9,13 @@ import pytest
 
 from dicom_node.config import parse_config
 from dicom_node.errors import ConfigError
-from tests.integration.node_process import open_to_any_caller
 from dicom_node.receive.access import (
     AssociateDiagnostic,
     AssociateResult,
     AssociateSource,
     check_association_request,
 )
+from tests.integration.node_process import open_to_any_caller
 
 
 def config(*, open_by_default: bool = True, **sections):
@@ -122,7 +122,12 @@ def test_build_ae_offers_mammography_classes_in_every_syntax():
     from pynetdicom import _config
     from pynetdicom.sop_class import Verification
 
-    from dicom_node.receive.server import MAX_PDU_BYTES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, build_ae
+    from dicom_node.receive.server import (
+        MAX_PDU_BYTES,
+        STORAGE_SOP_CLASSES,
+        TRANSFER_SYNTAXES,
+        build_ae,
+    )
 
     ae = build_ae(config())
     offered = {cx.abstract_syntax: set(cx.transfer_syntax) for cx in ae.supported_contexts}

@@ -27,7 +27,11 @@ from pynetdicom import _config
 from pynetdicom.sop_class import Verification
 
 from dicom_node.receive import access
-from dicom_node.receive.access import AssociateDiagnostic, AssociateResult, AssociateSource
+from dicom_node.receive.access import (
+    AssociateDiagnostic,
+    AssociateResult,
+    AssociateSource,
+)
 from dicom_node.receive.handlers import StoreStatus
 from tests import synthetic
 from tests.dciodvfy import dciodvfy_lines

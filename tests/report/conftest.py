@@ -7,8 +7,8 @@ import pytest
 from dciodvfy import assert_dciodvfy_clean
 from pydicom.uid import generate_uid
 
-from dicom_node.analyse.detector import Detection
 from dicom_node.config import ReportConfig
+from dicom_node.model.detector import Detection
 from dicom_node.report.gsps import build_gsps
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node import node
-from dicom_node.cli import build_parser, cmd_serve, report_failure
+from dicom_node.cli import build_parser, cmd_serve
+from dicom_node.log import report_failure
 from dicom_node.config import NodeConfig, WorkersConfig, load_config, parse_config
 from dicom_node.errors import ConfigError
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     DigitalMammographyXRayImageStorageForPresentation,
@@ -16,7 +17,6 @@ from pynetdicom.sop_class import (
     Verification,
 )
 from pynetdicom.status import Status
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.config import Config, parse_config
 from dicom_node.queue import Queue

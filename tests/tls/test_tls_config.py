@@ -9,7 +9,13 @@ import pytest
 
 from dicom_node.config import parse_config
 from dicom_node.errors import ConfigError
-from dicom_node.tls import check_tls, client_context, scp_context, server_context, scu_tls_args
+from dicom_node.tls import (
+    check_tls,
+    client_context,
+    scp_context,
+    scu_tls_args,
+    server_context,
+)
 from tests.tls.conftest import tls_section
 
 

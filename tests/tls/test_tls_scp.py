@@ -17,7 +17,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation, Verification
+from pynetdicom.sop_class import (
+    DigitalMammographyXRayImageStorageForPresentation,
+    Verification,
+)
 from pynetdicom.status import Status
 from structlog.testing import capture_logs
 

@@ -1,0 +1,443 @@
+"""`train(cfg)`: the training loop behind ``dicom-node train --config config/train/<name>.toml``.
+
+What a run does, in order:
+1. seeds every random source from ``cfg.seed``; picks the device (CUDA if asked and
+   available); on CPU uses ``cfg.threads`` threads;
+2. loads the COCO training set through the one pixel pipeline (the node's own
+   ``prepare``), keeping the prepared images in memory when ``data.cache_images``;
+3. builds the architecture with no pretrained weights (nothing is downloaded);
+4. resumes from the latest ``checkpoint_*.pt`` in ``output_dir`` if there is one
+   (model, optimizer, scheduler, AMP scaler, iteration and RNG states);
+5. runs SGD with linear warm-up and step decay. Each optimizer step sums the gradients
+   of ``accumulation`` micro-batches so that the effective batch is ``batch_size``
+   whatever fits the GPU. AMP (autocast + GradScaler) is used on CUDA only;
+6. writes a checkpoint every ``checkpoint_every`` iterations and validates (AP50,
+   FROC via dicom_node.lab.evaluate) every ``eval_every`` iterations;
+7. exports the deployable checkpoint (architecture, input size, label, metadata) that
+   ``[detector].weights`` can point at, and returns its path.
+
+Determinism: the image order and every augmentation draw are pure functions of the
+seed and the global sample number (iteration x batch + position), so a resumed run
+sees exactly the images and augmentations an uninterrupted run would. On CPU with the
+same thread count, a resumed run reproduces the uninterrupted run's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dicom_node.files import write_atomically
+from dicom_node.errors import ConfigError, NodeError
+from dicom_node.lab.train.augment import augment
+from dicom_node.lab.train.config import TrainConfig
+from dicom_node.log import get_logger
+from dicom_node.model.architectures import MASS_LABEL
+
+log = get_logger("dicom_node.lab.train")
+
+CHECKPOINT_FORMAT = "dicom-node-train-state/1"
+_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{7})\.pt")
+KEEP_CHECKPOINTS = 2
+LOG_EVERY = 10  # iterations between lines of output_dir/metrics.jsonl
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prepared training image as the model sees it, with its boxes in the same pixels."""
+
+    pixels: torch.Tensor  # HxW, [0, 1] (float16 when cached, to halve memory)
+    boxes: torch.Tensor  # Nx4 float32, x0 y0 x1 y1 in resized pixels
+
+
+def open_dataset(annotations: Path, *, input_size: int):
+    """The COCO set at ``annotations`` read through the node's pixel pipeline."""
+    from dicom_node.lab.datasets.coco import CocoDataset
+
+    if not annotations.is_file():
+        raise ConfigError(f"{annotations}: dataset annotations not found (check data.train_json / val_json)")
+    return CocoDataset(annotations, input_size=input_size)
+
+
+def _sample(item, *, half: bool) -> Sample:
+    prepared, boxes, _image_id = item
+    pixels = torch.from_numpy(np.ascontiguousarray(prepared.pixels, dtype=np.float32))
+    return Sample(
+        pixels=pixels.half() if half else pixels,
+        boxes=torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)),
+    )
+
+
+class LazySamples(Sequence):
+    """Samples prepared on access (for sets too large to keep in memory)."""
+
+    def __init__(self, dataset):
+        self._dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, index):
+        return _sample(self._dataset[index], half=False)
+
+
+def load_samples(annotations: Path, *, input_size: int, cache: bool) -> Sequence[Sample]:
+    """The training samples, all prepared up front (float16 in memory) when ``cache``."""
+    dataset = open_dataset(annotations, input_size=input_size)
+    if not cache:
+        return LazySamples(dataset)
+    return [_sample(dataset[i], half=True) for i in range(len(dataset))]
+
+
+def derived_seed(seed: int, purpose: int, number: int) -> int:
+    """A seed for one use (``purpose``: 0 augmentation, 1 epoch order) and number, from ``seed``."""
+    return int(np.random.SeedSequence([seed, purpose, number]).generate_state(1)[0])
+
+
+class TrainSamples(torch.utils.data.Dataset):
+    """Augmented training samples indexed by the global sample number.
+
+    Sample ``s`` is image ``perm(epoch)[s % n]`` with ``epoch = s // n`` and ``perm`` a
+    seeded permutation, augmented with a generator seeded from ``(seed, s)``. Nothing
+    depends on what was drawn before, so a resumed run continues exactly.
+    """
+
+    def __init__(self, samples: Sequence[Sample], cfg: TrainConfig):
+        if len(samples) == 0:
+            raise ConfigError(f"{cfg.data.train_json}: the training set has no images")
+        self.samples = samples
+        self.augment = cfg.augment
+        self.seed = cfg.seed
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation) last used
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, 1, epoch))
+            self._order = (epoch, torch.randperm(len(self.samples), generator=generator))
+        return self._order[1]
+
+    def __len__(self) -> int:
+        return 2**62  # indexed by global sample number
+
+    def __getitem__(self, sample_number: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position = divmod(sample_number, len(self.samples))
+        sample = self.samples[int(self._permutation(epoch)[position])]
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, 0, sample_number))
+        return augment(sample.pixels.float(), sample.boxes, self.augment, generator=generator)
+
+
+def _collate(batch):
+    return [image for image, _ in batch], [boxes for _, boxes in batch]
+
+
+# ---------------------------------------------------------------- model, optimizer, schedule
+
+
+def model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """One image as the model takes it: grayscale [0, 1] replicated to 3xHxW (as TorchDetector)."""
+    return pixels.float().reshape(1, *pixels.shape[-2:]).expand(3, -1, -1)
+
+
+def targets(boxes: Sequence[torch.Tensor], device: torch.device) -> list[dict]:
+    return [
+        {"boxes": b.to(device), "labels": torch.full((len(b),), MASS_LABEL, dtype=torch.int64, device=device)}
+        for b in boxes
+    ]
+
+
+def lr_factor(iteration: int, cfg: TrainConfig) -> float:
+    """Linear warm-up then a step decay by ``lr_gamma`` at each of ``lr_steps`` (Detectron2's)."""
+    opt = cfg.optimizer
+    factor = opt.lr_gamma ** sum(1 for step in opt.lr_steps if iteration >= step)
+    if iteration < opt.warmup_iters:
+        alpha = iteration / opt.warmup_iters
+        factor *= opt.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    opt = cfg.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=opt.base_lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+    return optimizer, scheduler
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The training-state checkpoint with the highest iteration in ``output_dir``, if any."""
+    found = sorted(
+        (int(m.group(1)), p) for p in output_dir.glob("checkpoint_*.pt") if (m := _CHECKPOINT_NAME.fullmatch(p.name))
+    )
+    return found[-1][1] if found else None
+
+
+def _atomic_save(obj, path: Path) -> None:
+    write_atomically(path, lambda handle: torch.save(obj, handle))
+
+
+def save_state(path: Path, *, iteration: int, model, optimizer, scheduler, scaler, cfg: TrainConfig) -> None:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "iteration": iteration,
+        "architecture": cfg.model.architecture,
+        "input_size": cfg.model.input_size,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+    }
+    _atomic_save(state, path)
+
+
+def load_state(path: Path, *, model, optimizer, scheduler, scaler, cfg: TrainConfig) -> int:
+    """Restore a training state; return the iteration it was saved at."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise NodeError(f"{path}: cannot read training checkpoint ({error})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise NodeError(f"{path}: not a dicom-node training checkpoint")
+    if (state["architecture"], state["input_size"]) != (cfg.model.architecture, cfg.model.input_size):
+        raise ConfigError(
+            f"{path}: checkpoint is {state['architecture']} at input_size {state['input_size']}, the config "
+            f"asks for {cfg.model.architecture} at {cfg.model.input_size}; use another output_dir"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:  # empty when saved without AMP (CPU)
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(state["iteration"])
+
+
+def _prune(output_dir: Path, keep: int = KEEP_CHECKPOINTS) -> None:
+    found = sorted(p for p in output_dir.glob("checkpoint_*.pt") if _CHECKPOINT_NAME.fullmatch(p.name))
+    for old in found[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(model, items, gt_coco: dict, *, device: torch.device, input_size: int,
+             threshold: float) -> dict:
+    """Summary metrics (AP50, precision/recall/F1 at ``threshold``, FROC) of ``model``.
+
+    ``items`` are CocoDataset items ``(PreparedImage, boxes, image_id)`` of ``gt_coco``.
+    The model runs through the node's own TorchDetector (the deployment path: same
+    input tensor, same box mapping) without a score cut-off, then dicom_node.lab.evaluate.
+    """
+    from dicom_node.lab.evaluate.run import evaluate_detections
+    from dicom_node.model.architectures import MODEL_SCORE_THRESHOLD
+    from dicom_node.model.detector import TorchDetector
+
+    was_training = model.training
+    detector = TorchDetector(model, input_size=input_size, score_threshold=MODEL_SCORE_THRESHOLD,
+                             label="validation", device=str(device), batch_size=4)
+    category_id = (gt_coco.get("categories") or [{"id": 1}])[0]["id"]
+    detections = []
+    try:
+        for prepared, _boxes, image_id in items:
+            for det in detector.detect([prepared])[0]:
+                x0, y0, x1, y1 = det.box
+                detections.append({"image_id": image_id, "category_id": category_id,
+                                   "bbox": [x0, y0, x1 - x0, y1 - y0], "score": det.score})
+    finally:
+        model.train(was_training)
+    return evaluate_detections(gt_coco, detections, threshold=threshold)["summary"]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _batches(dataset: TrainSamples, cfg: TrainConfig, start_iteration: int) -> Iterator[tuple[list, list]]:
+    micro = cfg.optimizer.micro_batch
+    first = start_iteration * cfg.optimizer.batch_size
+    total = cfg.optimizer.iterations * cfg.optimizer.batch_size
+    sampler = range(first, total)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=micro, sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate,
+        persistent_workers=False,
+    )
+    return iter(loader)
+
+
+def _append_metrics(output_dir: Path, record: dict) -> None:
+    with open(output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, default=float) + "\n")
+
+
+def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True) -> Path:
+    """Train ``cfg``; resume from ``cfg.output_dir`` if it holds a checkpoint. Return the export path."""
+    from tqdm import tqdm
+
+    from dicom_node.model.architectures import build_model
+    from dicom_node.model.checkpoints import save_checkpoint
+
+    dev = resolve_device(device or cfg.device)
+    if dev.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    output_dir = cfg.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_log = log.bind(architecture=cfg.model.architecture, output_dir=str(output_dir))
+
+    started = time.monotonic()
+    samples = load_samples(cfg.data.train_json, input_size=cfg.model.input_size, cache=cfg.data.cache_images)
+    val_items, val_gt = [], None
+    if cfg.data.val_json is not None:
+        val_set = open_dataset(cfg.data.val_json, input_size=cfg.model.input_size)
+        val_items, val_gt = [val_set[i] for i in range(len(val_set))], val_set.coco
+    run_log.info("train_data_loaded", train_images=len(samples), val_images=len(val_items),
+                 seconds=round(time.monotonic() - started, 1))
+
+    model = build_model(cfg.model.architecture, num_classes=1).to(dev)
+    model.train()
+    optimizer, scheduler = build_optimizer(model, cfg)
+    use_amp = cfg.amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    iteration = 0
+    resume_from = latest_checkpoint(output_dir)
+    if resume_from is not None:
+        iteration = load_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                               scaler=scaler, cfg=cfg)
+        run_log.info("train_resumed", checkpoint=str(resume_from), iteration=iteration)
+
+    opt = cfg.optimizer
+    dataset = TrainSamples(samples, cfg)
+    # Creating a DataLoader iterator draws from the global torch RNG; keep that draw out
+    # of the training's RNG stream so a resumed run matches an uninterrupted one.
+    rng_state = torch.get_rng_state()
+    batches = _batches(dataset, cfg, iteration)
+    torch.set_rng_state(rng_state)
+    autocast = (lambda: torch.autocast(device_type="cuda", dtype=torch.float16)) if use_amp else nullcontext
+    run_log.info("train_started", iteration=iteration, iterations=opt.iterations, batch_size=opt.batch_size,
+                 accumulation=opt.accumulation, device=str(dev), amp=use_amp, loss=cfg.loss, seed=cfg.seed)
+
+    bar = tqdm(total=opt.iterations, initial=iteration, disable=not progress, unit="it", dynamic_ncols=True)
+    smoothed = None
+    last_metrics: dict | None = None
+    train_started = time.monotonic()
+    try:
+        while iteration < opt.iterations:
+            loss_value = 0.0
+            parts: dict[str, float] = {}
+            for _ in range(opt.accumulation):
+                images, boxes = next(batches)
+                with autocast():
+                    losses = model([model_input(i).to(dev) for i in images], targets(boxes, dev))
+                    loss = sum(losses.values()) / opt.accumulation
+                scaler.scale(loss).backward()
+                loss_value += float(loss.detach())
+                for name, value in losses.items():
+                    parts[name] = parts.get(name, 0.0) + float(value.detach()) / opt.accumulation
+            if not math.isfinite(loss_value):
+                raise NodeError(
+                    f"training diverged: loss is {loss_value} at iteration {iteration + 1} "
+                    f"(lower optimizer.base_lr or set optimizer.clip_grad_norm)"
+                )
+            if opt.clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            iteration += 1
+
+            smoothed = loss_value if smoothed is None else 0.9 * smoothed + 0.1 * loss_value
+            bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            bar.update(1)
+            if iteration % LOG_EVERY == 0 or iteration % cfg.checkpoint_every == 0 or iteration == opt.iterations:
+                _append_metrics(output_dir, {"iteration": iteration, "loss": loss_value, **parts,
+                                             "lr": scheduler.get_last_lr()[0],
+                                             "elapsed_s": round(time.monotonic() - train_started, 1)})
+            if iteration % cfg.checkpoint_every == 0 or iteration == opt.iterations:
+                path = output_dir / f"checkpoint_{iteration:07d}.pt"
+                save_state(path, iteration=iteration, model=model, optimizer=optimizer, scheduler=scheduler,
+                           scaler=scaler, cfg=cfg)
+                _prune(output_dir)
+                run_log.info("checkpoint_saved", iteration=iteration, path=str(path))
+            due = cfg.eval_every and iteration % cfg.eval_every == 0
+            if val_items and (due or iteration == opt.iterations):
+                last_metrics = validate(model, val_items, val_gt, device=dev, input_size=cfg.model.input_size,
+                                        threshold=cfg.eval_threshold)
+                _append_metrics(output_dir, {"iteration": iteration, "validation": last_metrics})
+                run_log.info("validation", iteration=iteration, ap50=last_metrics.get("ap50"),
+                             recall=last_metrics.get("recall"), precision=last_metrics.get("precision"))
+    finally:
+        bar.close()
+    if last_metrics is None and val_items:  # resumed a finished run: validate what is exported
+        last_metrics = validate(model, val_items, val_gt, device=dev, input_size=cfg.model.input_size,
+                                threshold=cfg.eval_threshold)
+
+    export = cfg.export_path
+    export.parent.mkdir(parents=True, exist_ok=True)
+    trained = {
+        "iterations": opt.iterations,
+        "seed": cfg.seed,
+        "loss": cfg.loss,
+        "optimizer": opt.model_dump(),
+        "augment": cfg.augment.model_dump(),
+        "train_json": f"{cfg.data.train_json.parent.name}/{cfg.data.train_json.name}",
+        "train_images": len(samples),
+        "validation": _scalars(last_metrics),
+        "torch": torch.__version__,
+        "device": dev.type,
+        "seconds_this_process": round(time.monotonic() - train_started, 1),
+    }
+    save_checkpoint(export, model=model, architecture=cfg.model.architecture, input_size=cfg.model.input_size,
+                    label=cfg.label, trained=trained, half=cfg.export_half)
+    run_log.info("train_finished", export=str(export), iteration=iteration, validation=trained["validation"])
+    return export
+
+
+def _scalars(metrics: dict | None) -> dict | None:
+    if metrics is None:
+        return None
+    keep = ("images", "lesions", "ap50", "precision", "recall", "f1", "threshold", "froc")
+    return {k: metrics[k] for k in keep if k in metrics}

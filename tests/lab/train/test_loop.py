@@ -1,0 +1,113 @@
+"""A real (tiny) training run on CPU: finite loss, checkpoints, exact resume, loadable export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tests.lab.train.conftest import tiny_config
+
+from dicom_node.config import DetectorConfig
+from dicom_node.errors import ConfigError
+from dicom_node.lab.train.loop import (
+    TrainSamples,
+    latest_checkpoint,
+    load_samples,
+    lr_factor,
+    train,
+)
+from dicom_node.model.checkpoints import load_checkpoint
+from dicom_node.pixels import resize_longest_side
+
+
+def _metrics(output_dir):
+    lines = (output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_train_checkpoints_resumes_exactly_and_exports_a_loadable_detector(tiny_phantoms, tmp_path):
+    from dicom_node.model.detector import load_detector
+
+    cfg = tiny_config(tiny_phantoms, tmp_path / "run")
+    export = train(cfg, progress=False)
+
+    losses = [record["loss"] for record in _metrics(cfg.output_dir) if "loss" in record]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    validation = [record["validation"] for record in _metrics(cfg.output_dir) if "validation" in record]
+    assert len(validation) == 1 and validation[0]["images"] == 6
+    assert latest_checkpoint(cfg.output_dir).name == "checkpoint_0000004.pt"
+    assert (cfg.output_dir / "checkpoint_0000002.pt").is_file()
+    uninterrupted = load_checkpoint(export)["state_dict"]
+
+    # Lose the last checkpoint, as if the run had stopped after iteration 2: a rerun
+    # resumes there and must reach the same parameters as the uninterrupted run.
+    (cfg.output_dir / "checkpoint_0000004.pt").unlink()
+    export.unlink()
+    assert latest_checkpoint(cfg.output_dir).name == "checkpoint_0000002.pt"
+    train(cfg, progress=False)
+    iterations = [record["iteration"] for record in _metrics(cfg.output_dir) if "loss" in record]
+    assert iterations == [2, 4, 4]  # the resumed run logged iteration 4 only, not 1..3 again
+    resumed = load_checkpoint(export)["state_dict"]
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+    checkpoint = load_checkpoint(export, architecture="retinanet_r18_fpn")
+    assert checkpoint["input_size"] == 128
+    assert checkpoint["label"].startswith("TEST WEIGHTS")
+    assert checkpoint["trained"]["iterations"] == 4
+    detector = load_detector(DetectorConfig(architecture="retinanet_r18_fpn", weights=str(export)))
+    assert detector.input_size == 128
+    image = resize_longest_side(np.random.default_rng(0).random((256, 200), dtype=np.float32), 128)
+    assert len(detector.detect([image])) == 1
+
+
+def test_export_in_half_precision_loads(tiny_phantoms, tmp_path):
+    cfg = tiny_config(tiny_phantoms, tmp_path / "half", export_half=True, **{
+        "optimizer.iterations": 1, "optimizer.lr_steps": [], "data.val_json": None})
+    export = train(cfg, progress=False)
+    stored = torch.load(export, map_location="cpu", weights_only=True)["state_dict"]
+    assert any(t.dtype == torch.float16 for t in stored.values())
+    assert all(t.dtype != torch.float16 for t in load_checkpoint(export)["state_dict"].values())
+
+
+def test_training_samples_depend_only_on_seed_and_sample_number(tiny_phantoms, tmp_path):
+    cfg = tiny_config(tiny_phantoms, tmp_path / "samples")
+    samples = load_samples(cfg.data.train_json, input_size=128, cache=True)
+    first, again = TrainSamples(samples, cfg), TrainSamples(samples, cfg)
+    for number in (0, 5, 13):  # 13 is in the third epoch of 6 images
+        a, b = first[number], again[number]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert a[0].shape[-2:] == (96, 96)
+        assert (a[1][:, [0, 2]] <= 96).all() and (a[1][:, [1, 3]] <= 96).all()
+    other = TrainSamples(samples, tiny_config(tiny_phantoms, tmp_path / "samples", seed=12))
+    assert any(not torch.equal(first[n][0], other[n][0]) for n in range(6))
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tiny_phantoms, tmp_path):
+    cfg = tiny_config(tiny_phantoms, tmp_path / "run", **{
+        "optimizer.iterations": 2, "optimizer.lr_steps": [], "data.val_json": None})
+    train(cfg, progress=False)
+    bigger = tiny_config(tiny_phantoms, tmp_path / "run", **{"model.input_size": 160})
+    with pytest.raises(ConfigError, match="input_size 128"):
+        train(bigger, progress=False)
+
+
+def test_missing_dataset_is_a_config_error(tmp_path):
+    cfg = tiny_config(tmp_path / "nowhere" / "annotations.json", tmp_path / "run")
+    with pytest.raises(ConfigError, match="annotations not found"):
+        train(cfg, progress=False)
+
+
+def test_learning_rate_warms_up_then_steps(tmp_path):
+    cfg = tiny_config(tmp_path / "a.json", tmp_path, **{
+        "optimizer.iterations": 100, "optimizer.lr_steps": [60, 80], "optimizer.warmup_iters": 10,
+        "optimizer.warmup_factor": 0.1})
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(5, cfg) == pytest.approx(0.55)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(59, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.1)
+    assert lr_factor(85, cfg) == pytest.approx(0.01)
