@@ -21,7 +21,7 @@ SPAWNING_SCRIPT = '''
 import json, multiprocessing, sys
 from dicom_node.analyse.worker import worker_main
 from dicom_node.config import load_config
-from dicom_node.node import StopFlag
+from dicom_node.analyse.pool import StopFlag
 
 
 class FailingReadyQueue:
