@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +61,15 @@ from pydicom.uid import (
 )
 
 from dicom_node.files import SHARED, write_atomically
+from dicom_node.lab.phantom_variety import (
+    Look,
+    MassDraw,
+    Variety,
+    draw_distractors,
+    draw_look,
+    draw_mass,
+    unsharp,
+)
 
 SYNTHETIC_NOTICE = "SYNTHETIC PHANTOM - not patient data"
 MANUFACTURER = "dicom-node phantom"
@@ -107,6 +117,7 @@ class Mass:
     margin: str
     contrast: float
     area: float  # pixels inside the nominal outline (COCO "area")
+    shape: str = ""  # round, oval or irregular (varied phantoms only)
 
     @property
     def coco_bbox(self) -> list[float]:
@@ -125,6 +136,8 @@ class Phantom:
     density: str
     coarse_breast: np.ndarray = field(repr=False)  # bool, on the smooth-field grid
     coarse_pectoral: np.ndarray = field(repr=False)
+    look: Look | None = None  # the drawn acquisition of a varied phantom
+    distractors: tuple[str, ...] = ()  # hard negatives burned in (never labelled)
 
     @property
     def boxes(self) -> np.ndarray:
@@ -305,8 +318,35 @@ class _Fields:
     pectoral: np.ndarray  # bool
 
 
+def _glands(rng: np.random.Generator, breast: _Breast, x: np.ndarray, y: np.ndarray,
+            shape: tuple[int, int], texture: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(glandular field, fine detail, radial streaks) of one parenchyma texture family."""
+    detail = _power_law_noise(rng, shape, beta=2.0, stretch=1.3)
+    radial = _radial_noise(rng, breast, x, y)
+    if texture == "fibroglandular":
+        glands = _power_law_noise(rng, shape, beta=rng.uniform(2.8, 3.2), stretch=rng.uniform(1.4, 2.2))
+        return glands + 0.45 * radial, detail, radial
+    if texture == "nodular":
+        # Blotchy lobules: finer 1/f noise plus small nodular densities (under 3 mm).
+        glands = _power_law_noise(rng, shape, beta=rng.uniform(2.1, 2.5), stretch=rng.uniform(1.0, 1.3))
+        nodules = _power_law_noise(rng, shape, beta=1.2, highpass=0.02)
+        glands = glands + 0.6 * _smoothstep(nodules, 1.2, 2.2) + 0.25 * radial
+        return glands, detail, radial
+    if texture == "streaky":
+        # Strongly oriented ducts and trabeculae converging on the nipple.
+        glands = _power_law_noise(rng, shape, beta=rng.uniform(2.8, 3.2), stretch=rng.uniform(4.0, 7.0))
+        return glands + 1.1 * radial, detail, radial
+    if texture == "reticular":
+        # A ridged, web-like network (the held-out family): thin bright walls around fat lobules.
+        band = _power_law_noise(rng, shape, beta=2.6, highpass=0.01)
+        web = np.clip(1 - np.abs(band) / 0.6, 0, 1) ** 3
+        glands = 0.6 * _power_law_noise(rng, shape, beta=3.0, stretch=1.5) + 1.6 * web + 0.2 * radial
+        return glands, detail, radial
+    raise ValueError(f"unknown texture {texture!r}")
+
+
 def _draw_tissue(rng: np.random.Generator, breast: _Breast, shape: tuple[int, int],
-                 density: str) -> _Fields:
+                 density: str, look: Look | None = None) -> _Fields:
     """The smooth anatomy on a (possibly reduced) grid of `shape`."""
     rows, cols = shape
     y = ((np.arange(rows, dtype=np.float32) + 0.5) * (breast.height / rows))[:, None]
@@ -316,13 +356,17 @@ def _draw_tissue(rng: np.random.Generator, breast: _Breast, shape: tuple[int, in
     pixel_mm = breast.spacing * breast.width / cols
     inside = np.clip(skin_mm / pixel_mm + 0.5, 0, 1)  # anti-aliased skin edge
 
-    glands = _power_law_noise(rng, shape, beta=rng.uniform(2.8, 3.2), stretch=rng.uniform(1.4, 2.2))
-    detail = _power_law_noise(rng, shape, beta=2.0, stretch=1.3)
-    radial = _radial_noise(rng, breast, x, y)
+    if look is None:  # the classic look: draws in the order they always were
+        glands = _power_law_noise(rng, shape, beta=rng.uniform(2.8, 3.2), stretch=rng.uniform(1.4, 2.2))
+        detail = _power_law_noise(rng, shape, beta=2.0, stretch=1.3)
+        radial = _radial_noise(rng, breast, x, y)
     # Fibroglandular tissue sits centrally and behind the nipple, with a fatty rim under the skin.
     envelope = 1 - _smoothstep(r, rng.uniform(0.5, 0.65), rng.uniform(0.85, 0.95))
     envelope *= np.clip(x / (breast.width * 0.08), 0.3, 1)  # retromammary fat at the chest wall
-    glands = glands + 0.45 * radial
+    if look is None:
+        glands = glands + 0.45 * radial
+    else:
+        glands, detail, radial = _glands(rng, breast, x, y, shape, look.texture)
     region = envelope > 0.5
     target = _DENSE_FRACTION[density]
     threshold = float(np.quantile(glands[region], 1 - target)) if region.any() else 0.0
@@ -332,8 +376,9 @@ def _draw_tissue(rng: np.random.Generator, breast: _Breast, shape: tuple[int, in
 
     thickness = _smoothstep(skin_mm, 0, breast.falloff_mm)
     # Processed (For Presentation) images equalise the periphery: it darkens, but stays visible.
-    tissue = 0.3 + 0.26 * dense + (0.02 + 0.02 * dense) * detail + 0.05 * ligaments
-    tissue *= 0.55 + 0.45 * thickness
+    dense_gain, equalisation = (0.26, 0.45) if look is None else (look.dense_gain, look.equalisation)
+    tissue = 0.3 + dense_gain * dense + (0.02 + 0.02 * dense) * detail + 0.05 * ligaments
+    tissue *= (1 - equalisation) + equalisation * thickness
     skin = 0.06 * np.exp(-((skin_mm / 1.2) ** 2))
 
     air = 0.02
@@ -347,6 +392,9 @@ def _draw_tissue(rng: np.random.Generator, breast: _Breast, shape: tuple[int, in
         image = image * (1 - muscle) + muscle * brightness
         pectoral = (level < 1) & (r < 1)
         dense = dense * (1 - muscle)
+    if look is not None and look.sharpen > 0:
+        # Edge enhancement over about 2 mm, as a processing station does it.
+        image = unsharp(image, look.sharpen, 2.0 / (breast.spacing * breast.width / cols))
     return _Fields(image=image.astype(np.float32), dense=dense.astype(np.float32), detail=detail,
                    breast=r < 1, pectoral=pectoral)
 
@@ -367,6 +415,7 @@ class _MassShape:
     margin: str
     contrast: float
     spicules: tuple[tuple[float, float, float], ...]  # (angle, length factor, width mm)
+    kind: str = ""  # round, oval or irregular (varied phantoms only)
 
     def reach(self) -> float:
         longest = max((s[1] for s in self.spicules), default=1.0)
@@ -451,6 +500,16 @@ def _draw_mass_shape(rng: np.random.Generator, *, spacing: float, size_mm: tuple
     )
 
 
+def _varied_mass_shape(rng: np.random.Generator, *, spacing: float, variety: Variety, cx: float,
+                       cy: float) -> _MassShape:
+    drawn: MassDraw = draw_mass(rng, variety)
+    return _MassShape(
+        cx=cx, cy=cy, radius_px=drawn.diameter_mm / 2 / spacing, aspect=drawn.aspect,
+        angle=rng.uniform(0, math.pi), lobes=drawn.lobes, margin=drawn.margin,
+        contrast=drawn.contrast, spicules=drawn.spicules, kind=drawn.shape,
+    )
+
+
 def _patch_grid(shape: _MassShape, width: int, height: int) -> tuple[slice, slice, np.ndarray, np.ndarray]:
     reach = shape.reach()
     c0, c1 = max(int(shape.cx - reach), 0), min(int(math.ceil(shape.cx + reach)), width)
@@ -461,8 +520,8 @@ def _patch_grid(shape: _MassShape, width: int, height: int) -> tuple[slice, slic
 
 
 def _place_masses(rng: np.random.Generator, breast: _Breast, fields: _Fields, *, count: int,
-                  size_mm: tuple[float, float], width: int,
-                  height: int) -> list[tuple[_MassShape, tuple[int, int, int, int], float]]:
+                  size_mm: tuple[float, float], width: int, height: int,
+                  variety: Variety | None = None) -> list[tuple[_MassShape, tuple[int, int, int, int], float]]:
     """Masses wholly inside the breast, outside the pectoral muscle, apart from each other."""
     placed: list[tuple[_MassShape, tuple[int, int, int, int], float]] = []
     low_rows, low_cols = fields.breast.shape
@@ -476,7 +535,10 @@ def _place_masses(rng: np.random.Generator, breast: _Breast, fields: _Fields, *,
             index = int(candidates[rng.integers(candidates.size)])
             cy = (index // low_cols + rng.uniform()) * height / low_rows
             cx = (index % low_cols + rng.uniform()) * width / low_cols
-            shape = _draw_mass_shape(rng, spacing=breast.spacing, size_mm=size_mm, cx=cx, cy=cy)
+            if variety is None:
+                shape = _draw_mass_shape(rng, spacing=breast.spacing, size_mm=size_mm, cx=cx, cy=cy)
+            else:
+                shape = _varied_mass_shape(rng, spacing=breast.spacing, variety=variety, cx=cx, cy=cy)
             rows, cols, x, y = _patch_grid(shape, width, height)
             body = shape.rho(x, y) <= 1
             if not body.any():
@@ -542,6 +604,10 @@ def _image_rng(seed: int, index: int) -> np.random.Generator:
 
 def _study_rng(seed: int, study: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, study, 0x5354]))
+
+
+def _look_rng(seed: int, study: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, study, 0x4C4B]))
 
 
 def _mass_count(rng: np.random.Generator, masses_per_image: int | tuple[int, int]) -> int:
@@ -618,16 +684,28 @@ def generate_phantom(
     view: str | None = None,
     density: str | None = None,
     bits_stored: int | None = None,
+    variety: Variety | None = None,
 ) -> Phantom:
     """Render phantom ``index`` of ``seed`` (study ``index // 4``, view ``STUDY_VIEWS[index % 4]``).
 
     ``laterality``, ``view``, ``density`` and ``bits_stored`` (12 or 14) override what the
     index would give; ``masses_per_image`` is a count or an inclusive ``(low, high)`` range.
+    With a ``variety`` (dicom_node.lab.phantom_variety), the size, bit depth, photometric
+    interpretation, VOI transformation, processing, texture, masses and hard negatives are
+    drawn from its ranges instead (one acquisition look per study), and ``rows``,
+    ``columns``, ``masses_per_image``, ``mass_size_mm`` and ``bits_stored`` are not used.
     """
     _check_options(rows=rows, columns=columns, masses_per_image=masses_per_image,
                    mass_size_mm=mass_size_mm, bits_stored=bits_stored, density=density)
+    look = None
+    if variety is not None:
+        look = draw_look(_look_rng(seed, index // 4), variety)
+        rows, columns, bits_stored = look.rows, look.columns, look.bits_stored
+        masses_per_image = variety.masses_per_image
     study = _draw_study(seed, index // 4, size=f"{rows}x{columns}", bits_stored=bits_stored,
                         density=density)
+    if look is not None:
+        study = dataclasses.replace(study, bits_stored=look.bits_stored)
     default_laterality, default_view = STUDY_VIEWS[index % 4]
     laterality = laterality or default_laterality
     view = view or default_view
@@ -635,13 +713,13 @@ def generate_phantom(
         raise ValueError(f"laterality must be L or R and view CC or MLO, not {laterality!r} {view!r}")
 
     rng = _image_rng(seed, index)
-    spacing = spacing_for(rows, columns)
+    spacing = spacing_for(rows, columns) if look is None else look.spacing
     shrink = min(1.0, _MAX_SMOOTH_SIDE / max(rows, columns))
     low_shape = (max(round(rows * shrink), 1), max(round(columns * shrink), 1))
     breast = _draw_breast(rng, view=view, width=columns, height=rows, spacing=spacing)
-    fields = _draw_tissue(rng, breast, low_shape, study.density)
+    fields = _draw_tissue(rng, breast, low_shape, study.density, look)
     shapes = _place_masses(rng, breast, fields, count=_mass_count(rng, masses_per_image),
-                           size_mm=mass_size_mm, width=columns, height=rows)
+                           size_mm=mass_size_mm, width=columns, height=rows, variety=variety)
 
     image = _resample(fields.image, rows, columns)
     masses = []
@@ -659,30 +737,48 @@ def generate_phantom(
         image[row_slice, col_slice] += contrast * profile
         masses.append(Mass(box=tuple(float(v) for v in box),
                            diameter_mm=round(2 * shape.radius_px * spacing, 2),
-                           margin=shape.margin, contrast=round(contrast, 4), area=area))
+                           margin=shape.margin, contrast=round(contrast, 4), area=area, shape=shape.kind))
 
+    breast_mask, pectoral_mask = fields.breast, fields.pectoral
+    distractors: list[str] = []
+    if look is not None:
+        # Processing's tone curve, then hard negatives in the final orientation (text reads
+        # left to right on either breast), then the noise of the detector.
+        np.clip(image, 0, 1, out=image)
+        image **= np.float32(look.gamma)
+        if laterality == "R":
+            image = np.ascontiguousarray(image[:, ::-1])
+            breast_mask, pectoral_mask = breast_mask[:, ::-1], pectoral_mask[:, ::-1]
+            masses = _mirrored(masses, columns)
+        distractors = draw_distractors(rng, image, variety=variety, spacing=spacing, laterality=laterality,
+                                       view=view, breast=breast_mask, masses=[m.box for m in masses])
+    noise_fraction = 0.006 if look is None else look.noise
     max_value = (1 << study.bits_stored) - 1
     image *= max_value
     # Quantum noise: triangular (sum of two uniform bytes), cheaper than Gaussian at this size.
     noise = np.frombuffer(rng.bytes(rows * columns), dtype=np.uint8).reshape(rows, columns).astype(np.float32)
     noise += np.frombuffer(rng.bytes(rows * columns), dtype=np.uint8).reshape(rows, columns)
     noise -= 255
-    noise *= 0.006 * max_value / 104  # std 0.6 % of full scale
+    noise *= noise_fraction * max_value / 104  # 104: the std of the triangular sum above
     image += noise
     np.clip(image, 0, max_value, out=image)
     pixels = np.rint(image, out=image).astype(np.uint16)
 
-    breast_mask, pectoral_mask = fields.breast, fields.pectoral
-    if laterality == "R":
+    if look is None and laterality == "R":
         pixels = np.ascontiguousarray(pixels[:, ::-1])
         breast_mask, pectoral_mask = breast_mask[:, ::-1], pectoral_mask[:, ::-1]
-        masses = [dataclasses.replace(m, box=(columns - m.box[2], m.box[1], columns - m.box[0], m.box[3]))
-                  for m in masses]
+        masses = _mirrored(masses, columns)
 
     dataset = _build_dataset(pixels, study=study, seed=seed, index=index, laterality=laterality,
-                             view=view, spacing=spacing)
+                             view=view, spacing=spacing, look=look, burned_in=bool(distractors))
     return Phantom(dataset=dataset, masses=tuple(masses), laterality=laterality, view=view,
-                   density=study.density, coarse_breast=breast_mask, coarse_pectoral=pectoral_mask)
+                   density=study.density, coarse_breast=breast_mask, coarse_pectoral=pectoral_mask,
+                   look=look, distractors=tuple(distractors))
+
+
+def _mirrored(masses: list[Mass], columns: int) -> list[Mass]:
+    return [dataclasses.replace(m, box=(columns - m.box[2], m.box[1], columns - m.box[0], m.box[3]))
+            for m in masses]
 
 
 def phantom_dataset(**kwargs) -> tuple[Dataset, np.ndarray]:
@@ -707,10 +803,17 @@ def _code(value: str, meaning: str, scheme: str = "SCT") -> Dataset:
 
 
 def _build_dataset(pixels: np.ndarray, *, study: _Study, seed: int, index: int, laterality: str,
-                   view: str, spacing: float) -> Dataset:
-    """A Digital Mammography X-Ray Image For Presentation (PS3.3 A.26.1) around `pixels`."""
+                   view: str, spacing: float, look: Look | None = None, burned_in: bool = False) -> Dataset:
+    """A Digital Mammography X-Ray Image For Presentation (PS3.3 A.26.1) around `pixels`.
+
+    `pixels` are MONOCHROME2 values (dense tissue bright); a ``look`` may store them
+    MONOCHROME1 and choose the VOI transformation (:func:`_set_voi`).
+    """
     rows, columns = pixels.shape
     max_value = (1 << study.bits_stored) - 1
+    photometric = "MONOCHROME2" if look is None else look.photometric
+    if photometric == "MONOCHROME1":
+        pixels = max_value - pixels  # PS3.3 C.7.6.3.1.2: the minimum value is displayed white
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = DigitalMammographyXRayImageStorageForPresentation
@@ -764,12 +867,12 @@ def _build_dataset(pixels: np.ndarray, *, study: _Study, seed: int, index: int, 
     view_item.ViewModifierCodeSequence = Sequence()
     ds.ViewCodeSequence = Sequence([view_item])
     ds.AcquisitionContextSequence = Sequence()
-    ds.BurnedInAnnotation = "NO"
+    ds.BurnedInAnnotation = "YES" if burned_in else "NO"
     ds.LossyImageCompression = "00"
     ds.QualityControlImage = "NO"
     # Image Pixel (C.7.6.3)
     ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PhotometricInterpretation = photometric
     ds.Rows = rows
     ds.Columns = columns
     ds.BitsAllocated = 16
@@ -778,16 +881,13 @@ def _build_dataset(pixels: np.ndarray, *, study: _Study, seed: int, index: int, 
     ds.PixelRepresentation = 0
     # DX Image (C.8.11.3): processed, log-like values; dense tissue has higher values.
     ds.PixelIntensityRelationship = "LOG"
-    ds.PixelIntensityRelationshipSign = 1
+    # +1: higher values are more attenuating (brighter); MONOCHROME1 stores them inverted.
+    ds.PixelIntensityRelationshipSign = 1 if photometric == "MONOCHROME2" else -1
     ds.RescaleIntercept = 0
     ds.RescaleSlope = 1
     ds.RescaleType = "US"
     ds.PresentationLUTShape = "IDENTITY"
-    # VOI LUT (C.11.2), required For Presentation: the window spans air to the brightest tissue.
-    ds.WindowCenter = round(0.47 * max_value)
-    ds.WindowWidth = round(0.9 * max_value)
-    ds.WindowCenterWidthExplanation = "PHANTOM"
-    ds.VOILUTFunction = "LINEAR"
+    _set_voi(ds, look, max_value)
     # DX Detector (C.8.11.4): a flat panel; no magnification, so both spacings agree.
     ds.DetectorType = "DIRECT"
     ds.ImagerPixelSpacing = [round(spacing, 6)] * 2
@@ -800,6 +900,37 @@ def _build_dataset(pixels: np.ndarray, *, study: _Study, seed: int, index: int, 
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return ds
+
+
+def _set_voi(ds: Dataset, look: Look | None, max_value: int) -> None:
+    """The VOI LUT module (PS3.3 C.11.2): a window, a VOI LUT Sequence, or (a varied look's
+    \"none\", as some vendors send) nothing, leaving the viewer to its own choice."""
+    center, width = (0.47, 0.9) if look is None else look.window
+    kind = "LINEAR" if look is None else look.voi
+    inverted = look is not None and look.photometric == "MONOCHROME1"
+    if kind in ("LINEAR", "SIGMOID"):
+        # The window spans air to the brightest tissue; MONOCHROME1 mirrors its centre.
+        ds.WindowCenter = round((1 - center if inverted else center) * max_value)
+        ds.WindowWidth = round(width * max_value)
+        ds.WindowCenterWidthExplanation = "PHANTOM"
+        ds.VOILUTFunction = kind
+    elif kind == "LUT":
+        # A 12-bit table over every stored value (C.11.2.1.1): a soft S curve around the window.
+        entries = max_value + 1
+        stored = np.arange(entries, dtype=np.float64)
+        shown = max_value - stored if inverted else stored
+        curve = _sigmoid_curve((shown / max_value - center) / (width / 4))
+        table = np.rint(4095 * (1 - curve if inverted else curve)).astype(np.uint16)
+        item = Dataset()
+        # 65536 entries are written as 0 (C.11.1.1.1: the LUT Descriptor's first value).
+        item.LUTDescriptor = [entries if entries < 65536 else 0, 0, 12]
+        item.LUTExplanation = "PHANTOM S CURVE"
+        item.add_new(0x00283006, "US", table.tolist())  # LUT Data
+        ds.VOILUTSequence = Sequence([item])
+
+
+def _sigmoid_curve(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
 
 
 # --------------------------------------------------------------------------- writing
@@ -822,10 +953,16 @@ def _collect(results: Iterable, n: int, progress: Callable[[int, int], None] | N
 
 def _write_one(out: Path, index: int, *, options: dict) -> tuple[dict, list[Mass]]:
     phantom = generate_phantom(index=index, **options)
-    name = image_file_name(index)
-    path = out / name
-    write_atomically(path, lambda handle: phantom.dataset.save_as(handle, enforce_file_format=True),
+    image = _image_entry(phantom, index)
+    write_atomically(out / image["file_name"],
+                     lambda handle: phantom.dataset.save_as(handle, enforce_file_format=True),
                      fsync=False, mode=SHARED)
+    return image, list(phantom.masses)
+
+
+def _image_entry(phantom: Phantom, index: int) -> dict:
+    """The COCO image entry of phantom ``index`` (with the fields ``--by`` can break down by)."""
+    name = image_file_name(index)
     ds = phantom.dataset
     image = {
         "id": index + 1,
@@ -841,7 +978,10 @@ def _write_one(out: Path, index: int, *, options: dict) -> tuple[dict, list[Mass
         "pixel_spacing_mm": float(ds.PixelSpacing[0]),
         "synthetic": True,
     }
-    return image, list(phantom.masses)
+    if phantom.look is not None:
+        image.update(phantom.look.describe())
+        image["distractors"] = ",".join(phantom.distractors) or "none"
+    return image
 
 
 def write_phantoms(
@@ -854,6 +994,7 @@ def write_phantoms(
     masses_per_image: int | tuple[int, int] = (0, 3),
     mass_size_mm: tuple[float, float] = (8.0, 30.0),
     bits_stored: int | None = None,
+    variety: Variety | None = None,
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
@@ -873,7 +1014,7 @@ def write_phantoms(
     options = dict(rows=rows, columns=columns, masses_per_image=masses_per_image,
                    mass_size_mm=mass_size_mm, bits_stored=bits_stored)
     _check_options(**options)
-    options["seed"] = seed
+    options.update(seed=seed, variety=variety)
     indices = range(n)
     if workers == 1:
         results = map(partial(_write_one, out, options=options), indices)
@@ -882,6 +1023,19 @@ def write_phantoms(
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = pool.map(partial(_write_one, out, options=options), indices, chunksize=4)
             images_and_masses = _collect(results, n, progress)
+    info = {
+        "description": f"dicom-node synthetic mammogram phantoms - {SYNTHETIC_NOTICE}",
+        "seed": seed,
+        "rows": rows,
+        "columns": columns,
+        **({"variety": variety.describe()} if variety is not None else {}),
+    }
+    coco = _coco(images_and_masses, info)
+    return write_atomically(out / ANNOTATIONS_NAME, json.dumps(coco, indent=1), fsync=False, mode=SHARED)
+
+
+def _coco(images_and_masses: list[tuple[dict, list[Mass]]], info: dict) -> dict:
+    """The COCO dictionary of rendered phantoms (image entries with their masses)."""
     images, annotations = [], []
     for image, masses in images_and_masses:
         images.append(image)
@@ -897,16 +1051,45 @@ def write_phantoms(
                 "margin": mass.margin,
                 "diameter_mm": mass.diameter_mm,
                 "contrast": mass.contrast,
+                **({"shape": mass.shape} if mass.shape else {}),
             })
-    coco = {
-        "info": {
-            "description": f"dicom-node synthetic mammogram phantoms - {SYNTHETIC_NOTICE}",
-            "seed": seed,
-            "rows": rows,
-            "columns": columns,
-        },
-        "images": images,
-        "annotations": annotations,
-        "categories": CATEGORIES,
-    }
-    return write_atomically(out / ANNOTATIONS_NAME, json.dumps(coco, indent=1), fsync=False, mode=SHARED)
+    return {"info": info, "images": images, "annotations": annotations, "categories": CATEGORIES}
+
+
+def _prepare_one(index: int, *, options: dict, input_size: int, half: bool):
+    from dicom_node.pixels import prepare
+
+    phantom = generate_phantom(index=index, **options)
+    prepared = prepare(phantom.dataset, input_size=input_size)
+    rows, columns = prepared.original_shape
+    factor_x = prepared.pixels.shape[1] / columns
+    factor_y = prepared.pixels.shape[0] / rows
+    boxes = phantom.boxes * np.array([factor_x, factor_y, factor_x, factor_y], dtype=np.float32)
+    if half:
+        prepared = dataclasses.replace(prepared, pixels=prepared.pixels.astype(np.float16))
+    return (prepared, boxes, index + 1), (_image_entry(phantom, index), list(phantom.masses))
+
+
+def prepared_phantoms(*, n: int, seed: int, variety: Variety | None, input_size: int, workers: int = 1,
+                      half: bool = False, progress: Callable[[int, int], None] | None = None):
+    """``n`` phantoms rendered in memory and prepared by the node's pixel pipeline, never written.
+
+    Returns ``(items, coco)``: items are ``(PreparedImage, boxes in prepared pixels, image id)``
+    as a COCO dataset yields them, and ``coco`` is the annotation dictionary
+    :func:`write_phantoms` would write for the same arguments (without files). Training
+    on many full-size phantoms this way needs no disk (a 4096 x 3328 image is 27 MB).
+    ``half`` keeps the prepared pixels as float16.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    work = partial(_prepare_one, options={"seed": seed, "variety": variety}, input_size=input_size, half=half)
+    if workers <= 1:
+        results = _collect(map(work, range(n)), n, progress)
+    else:
+        # Spawned, not forked: the caller (training) has torch's thread pools running, and a
+        # forked child that resizes with torch can wait forever on a lock copied held.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = _collect(pool.map(work, range(n), chunksize=4), n, progress)
+    info = {"description": f"dicom-node synthetic mammogram phantoms - {SYNTHETIC_NOTICE}", "seed": seed,
+            **({"variety": variety.describe()} if variety is not None else {})}
+    return [item for item, _ in results], _coco([entry for _, entry in results], info)

@@ -35,6 +35,7 @@ from typing import Literal
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
@@ -45,6 +46,10 @@ IMAGE_STD = (0.25, 0.25, 0.25)
 # Low on purpose: evaluation needs the whole score range (FROC, AP); the
 # detector applies config.detector.score_threshold on top.
 MODEL_SCORE_THRESHOLD = 0.05
+# Detectron2's and torchvision's smallest anchor (on P3 for RetinaNet, P2 for Faster R-CNN);
+# each level doubles it. The demo weights use 16 so that 4 mm masses on a full-size image,
+# about 14 pixels at a 1024-pixel input, have anchors of their size.
+DEFAULT_SMALLEST_ANCHOR = 32
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,7 @@ def build_model(
     image_mean: tuple[float, ...] | list[float] = IMAGE_MEAN,
     image_std: tuple[float, ...] | list[float] = IMAGE_STD,
     stride_in_1x1: bool = False,
+    smallest_anchor: int = DEFAULT_SMALLEST_ANCHOR,
 ) -> nn.Module:
     """A randomly initialised torchvision detector for `architecture` (never downloads).
 
@@ -95,8 +101,10 @@ def build_model(
     `image_mean`/`image_std` are per RGB channel for [0, 1] input. `stride_in_1x1`
     puts the stride of each stage's first bottleneck in its 1x1 conv, as the MSRA
     ResNets that Detectron2 models start from do (torchvision: in the 3x3).
+    `smallest_anchor` is the anchor size on the finest level (pixels of the model's input).
     The keyword arguments are recorded in ``model.build_options`` so that a
-    checkpoint can rebuild the same model.
+    checkpoint can rebuild the same model (``smallest_anchor`` only when not the default,
+    so checkpoints written before it existed read the same).
     """
     spec = architecture_spec(architecture)
     if num_classes < 1:
@@ -110,12 +118,16 @@ def build_model(
         raise ValueError("image_mean and image_std need one value per RGB channel")
     if stride_in_1x1 and spec.depth == 18:
         raise ValueError("stride_in_1x1 applies to bottleneck ResNets (50, 101), not ResNet-18")
+    if not 4 <= int(smallest_anchor) <= 256:
+        raise ValueError(f"smallest_anchor must be 4..256 pixels, not {smallest_anchor}")
+    if int(smallest_anchor) != DEFAULT_SMALLEST_ANCHOR:
+        options["smallest_anchor"] = int(smallest_anchor)
 
     body = _resnet(spec.depth, stride_in_1x1=stride_in_1x1)
     if spec.family == "retinanet":
-        model = _retinanet(body, spec, num_classes + 1)
+        model = _retinanet(body, spec, num_classes + 1, int(smallest_anchor))
     else:
-        model = _faster_rcnn(body, spec, num_classes + 1)
+        model = _faster_rcnn(body, spec, num_classes + 1, int(smallest_anchor))
     # Sizes are unused: NoResizeTransform never resizes.
     model.transform = NoResizeTransform(
         min_size=800,
@@ -155,20 +167,27 @@ def _block_out_channels(block: nn.Module) -> int:
     return last_conv.out_channels
 
 
-def _retinanet(body: resnet.ResNet, spec: ArchitectureSpec, classes: int) -> RetinaNet:
+def _retinanet(body: resnet.ResNet, spec: ArchitectureSpec, classes: int, smallest_anchor: int) -> RetinaNet:
     c5_channels = _block_out_channels(body.layer4[-1])
     # P6 from C5, as Detectron2's RetinaNet (torchvision's v1 builder takes P5).
     backbone = _fpn_backbone(
         body, spec, stages=[2, 3, 4], extra_blocks=LastLevelP6P7(c5_channels, spec.fpn_channels)
     )
     # torchvision's default head is the v1 one (no GroupNorm), like Detectron2's
-    # default RetinaNet head; its anchors are 3 scales x 3 ratios, sizes 32..512.
-    return RetinaNet(backbone, num_classes=classes, score_thresh=MODEL_SCORE_THRESHOLD)
+    # default RetinaNet head; anchors are 3 scales x 3 ratios per level (32..512 by default).
+    # The same rounding as torchvision's default generator, so that 32 builds exactly it.
+    sizes = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in (smallest_anchor * 2**i for i in range(5)))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    return RetinaNet(backbone, num_classes=classes, score_thresh=MODEL_SCORE_THRESHOLD,
+                     anchor_generator=anchors)
 
 
-def _faster_rcnn(body: resnet.ResNet, spec: ArchitectureSpec, classes: int) -> FasterRCNN:
+def _faster_rcnn(body: resnet.ResNet, spec: ArchitectureSpec, classes: int, smallest_anchor: int) -> FasterRCNN:
     backbone = _fpn_backbone(body, spec, stages=[1, 2, 3, 4], extra_blocks=LastLevelMaxPool())
-    return FasterRCNN(backbone, num_classes=classes, box_score_thresh=MODEL_SCORE_THRESHOLD)
+    sizes = tuple((smallest_anchor * 2**i,) for i in range(5))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    return FasterRCNN(backbone, num_classes=classes, box_score_thresh=MODEL_SCORE_THRESHOLD,
+                      rpn_anchor_generator=anchors)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -31,7 +31,7 @@ from dicom_node.model.architectures import build_model
 
 CHECKPOINT_FORMAT = "dicom-node-detector/1"
 DEMO_WEIGHTS_FILE = Path(__file__).resolve().parent.parent / "weights" / "demo_retinanet_r18_fpn.pt"
-_MODEL_OPTIONS = ("image_mean", "image_std", "stride_in_1x1")
+_MODEL_OPTIONS = ("image_mean", "image_std", "stride_in_1x1", "smallest_anchor")
 _KEYS_SHOWN = 5
 
 

@@ -39,13 +39,44 @@ class _Table(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataConfig(_Table):
-    """COCO annotation files; image paths inside them are relative to each JSON file."""
+class PhantomData(_Table):
+    """Phantoms rendered in memory (dicom_node.lab.phantom.prepared_phantoms), never written."""
 
-    train_json: Path
+    n: Annotated[int, Field(ge=1)]
+    seed: Annotated[int, Field(ge=0)]
+    # A named variety of dicom_node.lab.phantom_variety: "training" or a held-out one.
+    variety: str = "training"
+
+    @field_validator("variety")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from dicom_node.lab.phantom_variety import VARIETIES
+
+        if value not in VARIETIES:
+            raise ValueError(f"unknown phantom variety {value!r}; known: {', '.join(VARIETIES)}")
+        return value
+
+
+class DataConfig(_Table):
+    """COCO annotation files (image paths inside them are relative to each JSON file), or
+    phantoms rendered in memory (``train_phantoms`` / ``val_phantoms``) instead."""
+
+    train_json: Path | None = None
     val_json: Path | None = None
+    train_phantoms: PhantomData | None = None
+    val_phantoms: PhantomData | None = None
+    # Processes rendering phantoms (0: one per CPU).
+    phantom_workers: Annotated[int, Field(ge=0)] = 0
     # Keep every prepared (decoded, resized) training image in memory as float16.
     cache_images: bool = True
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> DataConfig:
+        if (self.train_json is None) == (self.train_phantoms is None):
+            raise ValueError("give exactly one of train_json and train_phantoms")
+        if self.val_json is not None and self.val_phantoms is not None:
+            raise ValueError("give at most one of val_json and val_phantoms")
+        return self
 
 
 class ModelConfig(_Table):
@@ -53,6 +84,8 @@ class ModelConfig(_Table):
     # Longest image side fed to the model, as in the node's [detector].input_size.
     input_size: Annotated[int, Field(ge=64, le=8192)]
     loss: Literal["focal", "cross_entropy"] | None = None  # None: the architecture's own
+    # Anchor size on the finest level, in input pixels (dicom_node.model.architectures).
+    smallest_anchor: Annotated[int, Field(ge=4, le=256)] = 32
 
     @field_validator("architecture")
     @classmethod

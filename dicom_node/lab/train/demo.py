@@ -1,20 +1,31 @@
-"""Build the packaged demo weights: phantoms -> train -> evaluation on fresh held-out phantoms.
+"""Build the packaged demo weights: varied phantoms -> train -> held-out sets drawn outside the training ranges.
 
 ``python -m dicom_node.lab.train.demo --config config/train/demo_phantom.toml`` (what
 ``scripts/train_demo_weights`` runs):
 
-1. writes phantom sets with different seeds at the config's ``train_json`` and
-   ``val_json`` and, beside them, the held-out ``test`` (the training size) and
-   ``test_fullsize`` (the generator's default 3328 x 2560) sets, never seen in training
-   or model selection; a set already written with the same parameters is reused;
-2. trains with ``dicom_node.lab.train.train`` (which exports the checkpoint named by the
-   config's ``export``, float16, with the DEMO label);
+1. trains with ``dicom_node.lab.train.train`` on phantoms rendered in memory from the
+   ``training`` variety (dicom_node.lab.phantom_variety: sizes, bit depths, MONOCHROME1/2,
+   VOI LUTs, processing looks, textures, 4-60 mm masses from subtle to obvious, and burned-in
+   text, view letters, rulers, markers and paddle edges as hard negatives); the export is
+   the float16 checkpoint with the DEMO label;
+2. writes the held-out sets (:data:`HELDOUT_SETS`) as DICOM files with COCO labels under
+   ``.data/demo/heldout/<name>/``: one in distribution and one per property moved outside
+   the training ranges (a texture family, a mass-contrast band, an image size), each with
+   at least 200 masses, never seen in training or model selection; a set already written
+   with the same parameters is reused;
 3. evaluates the exported file through the node's own path (``load_detector``,
-   ``prepare``) on each held-out set with ``dicom_node.lab.evaluate``, writing the reports
-   under ``<output_dir>/<set>/`` and the summaries to ``<output_dir>/heldout_summary.json``;
+   ``prepare``, dicom_node.lab.evaluate, as ``dicom-node evaluate`` does) on each set,
+   writing reports under ``<output_dir>/heldout/<name>/`` and the figures to
+   ``<output_dir>/heldout_summary.json``; ``--compare FILE`` evaluates another checkpoint
+   (the previous demo weights, say) on the same sets for a before/after table;
 4. with ``--install`` (what the script passes), copies the exported file over the packaged
    ``dicom_node/weights/demo_retinanet_r18_fpn.pt``. Training itself never writes into
    the package (dicom_node.lab.train.config refuses such outputs).
+
+``--fit-seconds S`` (for a lent GPU with a fixed time budget) renders the data, times a
+few iterations, and sets the schedule (iterations, LR step) so that the run ends within
+``S`` seconds of its start; the schedule it chose is logged and recorded in the exported
+checkpoint (``trained.optimizer``), so a rerun with those numbers in the config repeats it.
 
 The demo weights find SYNTHETIC phantom masses only. They are not for clinical use.
 """
@@ -29,65 +40,75 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dicom_node.log import report_failure
 from dicom_node.errors import ConfigError, NodeError
-from dicom_node.log import configure_logging, get_logger
+from dicom_node.log import configure_logging, get_logger, report_failure
 
 log = get_logger("dicom_node.lab.train.demo")
 
 
 @dataclass(frozen=True)
-class PhantomSet:
-    """How one phantom set is drawn (dicom_node.lab.phantom.write_phantoms arguments)."""
+class HeldOutSet:
+    """One held-out phantom set: a named variety (dicom_node.lab.phantom_variety.HELDOUT), n, seed."""
 
+    variety: str
     n: int
     seed: int
-    rows: int = 1024
-    columns: int = 800
-    masses_per_image: tuple[int, int] = (0, 3)
 
 
-# Reduced-size phantoms (1024 x 800, 0.33 mm pixels): the model sees them at its input
-# size anyway. Training images always hold a mass (the crops supply the background);
-# validation and held-out sets use the phantom defaults, empty images included.
-TRAIN = PhantomSet(n=600, seed=1001, masses_per_image=(1, 3))
-VAL = PhantomSet(n=24, seed=2002)
-# Held out: the reduced size the demo trains on, and the generator's full default size
-# (3328 x 2560, 0.1 mm pixels), as `dicom-node phantom` writes by default.
-HELDOUT = {
-    "test": PhantomSet(n=120, seed=3003),
-    "test_fullsize": PhantomSet(n=40, seed=4004, rows=3328, columns=2560),
+# 170 images of 0-3 masses each give a little over 200 masses (checked when written).
+HELDOUT_SETS = {
+    "in_distribution": HeldOutSet("in_distribution", n=170, seed=3101),
+    "texture_reticular": HeldOutSet("texture_reticular", n=170, seed=3102),
+    "contrast_band": HeldOutSet("contrast_band", n=170, seed=3103),
+    "size_3328x2560": HeldOutSet("size_3328x2560", n=170, seed=3104),
 }
+MIN_HELDOUT_MASSES = 200
+FROC_REPORTED = (0.5, 1.0, 2.0)  # false positives per image
 
 
-def ensure_phantoms(annotations: Path, spec: PhantomSet) -> Path:
-    """Write the phantom set ``spec`` so that its COCO file is ``annotations`` (reused if present)."""
-    from dicom_node.lab.phantom import write_phantoms
+def ensure_heldout(folder: Path, spec: HeldOutSet, *, workers: int = 1) -> Path:
+    """Write the held-out set ``spec`` under ``folder`` (reused if already written alike)."""
+    from dicom_node.lab.phantom import ANNOTATIONS_NAME, write_phantoms
+    from dicom_node.lab.phantom_variety import HELDOUT
 
-    stamp = annotations.parent / "phantom_set.json"
-    wanted = json.dumps(asdict(spec), sort_keys=True)
+    annotations = folder / ANNOTATIONS_NAME
+    stamp = folder / "phantom_set.json"
+    wanted = json.dumps({**asdict(spec), "variety_ranges": HELDOUT[spec.variety].describe()}, sort_keys=True)
     if annotations.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == wanted:
         return annotations
-    if annotations.name != "annotations.json":
-        raise ConfigError(f"{annotations}: demo phantom sets must be named annotations.json")
     started = time.monotonic()
-    written = write_phantoms(annotations.parent, n=spec.n, seed=spec.seed, rows=spec.rows,
-                             columns=spec.columns, masses_per_image=spec.masses_per_image)
+    written = write_phantoms(folder, n=spec.n, seed=spec.seed, variety=HELDOUT[spec.variety], workers=workers)
+    masses = len(json.loads(written.read_text(encoding="utf-8"))["annotations"])
+    if masses < MIN_HELDOUT_MASSES:
+        raise ConfigError(f"{written}: held-out set {spec.variety} has {masses} masses, "
+                          f"fewer than {MIN_HELDOUT_MASSES}; raise its n")
     stamp.write_text(wanted, encoding="utf-8")
-    log.info("phantoms_written", path=str(written), images=spec.n, seed=spec.seed,
+    log.info("phantoms_written", path=str(written), images=spec.n, masses=masses, seed=spec.seed,
              seconds=round(time.monotonic() - started, 1))
     return written
 
 
-def evaluate_heldout(weights: Path, architecture: str, annotations: Path, out_dir: Path, *,
+def evaluate_heldout(weights: Path, annotations: Path, out_dir: Path, *, device: str = "cpu",
                      threshold: float = 0.5) -> dict:
-    """Metrics of the checkpoint ``weights`` on the held-out set, through the node's detector."""
+    """Figures of the checkpoint ``weights`` on one held-out set, through the node's detector."""
     from dicom_node.config import DetectorConfig
     from dicom_node.lab.evaluate.run import run_evaluation
+    from dicom_node.model.checkpoints import load_checkpoint
 
+    architecture = load_checkpoint(weights)["architecture"]
     detector = DetectorConfig(architecture=architecture, weights=str(weights), score_threshold=threshold)
-    result = run_evaluation(detector, annotations, out_dir, device="cpu")
-    return result["summary"]
+    summary = run_evaluation(detector, annotations, out_dir, device=device)["summary"]
+    froc = dict(zip(summary["froc"]["fp_rates"], summary["froc"]["sensitivities"]))
+    return {
+        "images": summary["images"],
+        "masses": summary["lesions"],
+        "ap50": summary["ap50"],
+        "sensitivity_at_fp_per_image": {str(rate): froc[rate] for rate in FROC_REPORTED},
+        "precision": summary["precision"],
+        "recall": summary["recall"],
+        "fp_per_image": summary["fp_per_image"],
+        "threshold": threshold,
+    }
 
 
 DEMO_ARCHITECTURE = "retinanet_r18_fpn"
@@ -121,39 +142,80 @@ def install_demo_weights(source: Path, target: Path | None = None) -> Path:
     return target
 
 
-def build(config_path: Path, *, train_only: bool = False, evaluate_only: bool = False,
-          install: bool = False) -> dict:
-    """Phantoms, training and held-out evaluation for the demo config; returns the held-out summaries."""
-    from dicom_node.lab.train.config import load_train_config
+def fit_schedule(cfg, *, seconds_per_iteration: float, seconds: float):
+    """``cfg`` with iterations (a multiple of 100) and the LR step at 85 % fitted into ``seconds``."""
+    iterations = max(int(seconds / seconds_per_iteration) // 100 * 100, 100)
+    optimizer = cfg.optimizer.model_copy(update={
+        "iterations": iterations, "lr_steps": [int(iterations * 0.85)],
+        "warmup_iters": min(cfg.optimizer.warmup_iters, iterations // 10)})
+    return cfg.model_copy(update={"optimizer": optimizer, "checkpoint_every": max(iterations // 4, 1),
+                                  "eval_every": 0})
+
+
+def _time_iterations(cfg, samples, *, device: str, iterations: int = 30) -> float:
+    """Seconds per iteration of ``cfg`` on ``device``, read off a short run's metrics log
+    between its 10th and last iteration (model building and loader start-up left out)."""
+    import tempfile
+
     from dicom_node.lab.train.loop import train
 
+    with tempfile.TemporaryDirectory() as scratch:
+        optimizer = cfg.optimizer.model_copy(update={"iterations": iterations + 10, "lr_steps": [],
+                                                     "warmup_iters": 0})
+        train(cfg.model_copy(update={"optimizer": optimizer, "output_dir": Path(scratch), "eval_every": 0,
+                                     "export": Path(scratch) / "probe.pt", "checkpoint_every": 10**6}),
+              device=device, progress=False, samples=samples, validation=([], None))
+        records = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()]
+        elapsed = {r["iteration"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
+        return (elapsed[iterations + 10] - elapsed[10]) / iterations
+
+
+def build(config_path: Path, *, train_only: bool = False, evaluate_only: bool = False,
+          install: bool = False, device: str | None = None, fit_seconds: float | None = None,
+          compare: Path | None = None, workers: int = 1) -> dict:
+    """Training and held-out evaluation for the demo config; returns the held-out figures."""
+    from dicom_node.lab.train.config import load_train_config
+    from dicom_node.lab.train.loop import train, training_samples, validation_items
+
+    started = time.monotonic()
     cfg = load_train_config(config_path)
-    if cfg.data.val_json is None:
-        raise ConfigError(f"{config_path}: data.val_json is required for the demo")
-    data_root = cfg.data.train_json.parent.parent
     if not evaluate_only:
-        ensure_phantoms(cfg.data.train_json, TRAIN)
-        ensure_phantoms(cfg.data.val_json, VAL)
-        started = time.monotonic()
-        weights = train(cfg)
+        samples = training_samples(cfg)
+        validation = validation_items(cfg)
+        if fit_seconds is not None:
+            import torch
+
+            torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest kernels
+            per_iteration = _time_iterations(cfg, samples, device=device or cfg.device)
+            reserve = 90  # export, validation and leaving the machine
+            cfg = fit_schedule(cfg, seconds_per_iteration=per_iteration,
+                               seconds=fit_seconds - (time.monotonic() - started) - reserve)
+            log.info("demo_schedule_fitted", seconds_per_iteration=round(per_iteration, 3),
+                     iterations=cfg.optimizer.iterations, lr_steps=cfg.optimizer.lr_steps)
+        weights = train(cfg, device=device, samples=samples, validation=validation)
         log.info("demo_trained", weights=str(weights), minutes=round((time.monotonic() - started) / 60, 1))
     weights = cfg.export_path
     if train_only:
         if install:
             install_demo_weights(weights)
         return {}
-    summaries = {"weights": str(weights), "file_bytes": weights.stat().st_size}
-    for name, spec in HELDOUT.items():
-        annotations = ensure_phantoms(data_root / name / "annotations.json", spec)
-        summary = evaluate_heldout(weights, cfg.model.architecture, annotations, cfg.output_dir / name)
-        summaries[name] = {**summary, "phantoms": asdict(spec)}
-        log.info("demo_heldout", set=name, ap50=summary["ap50"],
-                 froc=summary["froc"]["sensitivities"])
-    (cfg.output_dir / "heldout_summary.json").write_text(
-        json.dumps(summaries, indent=2, default=str) + "\n", encoding="utf-8")
+    data_root = Path(".data/demo/heldout") if cfg.data.train_json is None else cfg.data.train_json.parent.parent / "heldout"
+    figures: dict = {"weights": str(weights), "file_bytes": weights.stat().st_size, "sets": {}}
+    candidates = {"demo": weights, **({"compare": compare} if compare else {})}
+    for name, spec in HELDOUT_SETS.items():
+        annotations = ensure_heldout(data_root / name, spec, workers=workers)
+        entry = {"phantoms": asdict(spec)}
+        for role, checkpoint in candidates.items():
+            out = cfg.output_dir / "heldout" / (name if role == "demo" else f"{name}_compare")
+            entry[role] = evaluate_heldout(checkpoint, annotations, out, device=device or "cpu")
+            log.info("demo_heldout", set=name, weights=role, ap50=entry[role]["ap50"],
+                     sensitivity=entry[role]["sensitivity_at_fp_per_image"])
+        figures["sets"][name] = entry
+    (cfg.output_dir / "heldout_summary.json").write_text(json.dumps(figures, indent=2, default=str) + "\n",
+                                                        encoding="utf-8")
     if install:
-        summaries["installed"] = str(install_demo_weights(weights))
-    return summaries
+        figures["installed"] = str(install_demo_weights(weights))
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,20 +226,23 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--evaluate-only", action="store_true", help="evaluate the exported weights only")
     parser.add_argument("--install", action="store_true",
                         help="then copy the exported weights over the packaged demo weights")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the config's)")
+    parser.add_argument("--fit-seconds", type=float,
+                        help="fit the schedule so that the whole run ends within this many seconds")
+    parser.add_argument("--compare", type=Path, help="also evaluate this checkpoint on the held-out sets")
+    parser.add_argument("--workers", type=int, default=1, help="processes writing the held-out phantoms")
     args = parser.parse_args(argv)
     configure_logging("info", "console")
     try:
-        summary = build(Path(args.config), train_only=args.train_only, evaluate_only=args.evaluate_only,
-                        install=args.install)
+        figures = build(Path(args.config), train_only=args.train_only, evaluate_only=args.evaluate_only,
+                        install=args.install, device=args.device, fit_seconds=args.fit_seconds,
+                        compare=args.compare, workers=args.workers)
     except NodeError as error:
         return report_failure(error)
-    for name in HELDOUT:
-        if name in summary:
-            result = summary[name]
-            print(json.dumps({"set": name, "ap50": result["ap50"], "froc_fp_rates": result["froc"]["fp_rates"],
-                              "froc_sensitivities": result["froc"]["sensitivities"],
-                              "precision": result["precision"], "recall": result["recall"],
-                              "file_bytes": summary["file_bytes"]}))
+    for name, entry in figures.get("sets", {}).items():
+        for role in ("demo", "compare"):
+            if role in entry:
+                print(json.dumps({"set": name, "weights": role, **entry[role]}))
     return 0
 
 

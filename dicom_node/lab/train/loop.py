@@ -102,6 +102,43 @@ def load_samples(annotations: Path, *, input_size: int, cache: bool) -> Sequence
     return [_sample(dataset[i], half=True) for i in range(len(dataset))]
 
 
+def _phantom_items(spec, *, input_size: int, workers: int, half: bool):
+    """(items, coco) of the phantoms ``spec`` (a PhantomData), rendered in memory."""
+    import os
+
+    from dicom_node.lab.phantom import prepared_phantoms
+    from dicom_node.lab.phantom_variety import VARIETIES
+
+    started = time.monotonic()
+    items, coco = prepared_phantoms(n=spec.n, seed=spec.seed, variety=VARIETIES[spec.variety],
+                                    input_size=input_size, workers=workers or os.cpu_count() or 1, half=half)
+    log.info("phantoms_rendered", images=spec.n, seed=spec.seed, variety=spec.variety,
+             masses=len(coco["annotations"]), seconds=round(time.monotonic() - started, 1))
+    return items, coco
+
+
+def training_samples(cfg: TrainConfig) -> Sequence[Sample]:
+    """The training samples the config names: a COCO set, or phantoms rendered in memory."""
+    data = cfg.data
+    if data.train_phantoms is None:
+        return load_samples(data.train_json, input_size=cfg.model.input_size, cache=data.cache_images)
+    items, _coco = _phantom_items(data.train_phantoms, input_size=cfg.model.input_size,
+                                  workers=data.phantom_workers, half=True)
+    return [_sample(item, half=True) for item in items]
+
+
+def validation_items(cfg: TrainConfig) -> tuple[list, dict | None]:
+    """(items, COCO ground truth) of the validation set, or ([], None) without one."""
+    data = cfg.data
+    if data.val_phantoms is not None:
+        return _phantom_items(data.val_phantoms, input_size=cfg.model.input_size,
+                              workers=data.phantom_workers, half=False)
+    if data.val_json is None:
+        return [], None
+    val_set = open_dataset(data.val_json, input_size=cfg.model.input_size)
+    return [val_set[i] for i in range(len(val_set))], val_set.coco
+
+
 def derived_seed(seed: int, purpose: int, number: int) -> int:
     """A seed for one use (``purpose``: 0 augmentation, 1 epoch order) and number, from ``seed``."""
     return int(np.random.SeedSequence([seed, purpose, number]).generate_state(1)[0])
@@ -117,7 +154,7 @@ class TrainSamples(torch.utils.data.Dataset):
 
     def __init__(self, samples: Sequence[Sample], cfg: TrainConfig):
         if len(samples) == 0:
-            raise ConfigError(f"{cfg.data.train_json}: the training set has no images")
+            raise ConfigError(f"{cfg.data.train_json or 'data.train_phantoms'}: the training set has no images")
         self.samples = samples
         self.augment = cfg.augment
         self.seed = cfg.seed
@@ -310,8 +347,14 @@ def _append_metrics(output_dir: Path, record: dict) -> None:
         handle.write(json.dumps(record, default=float) + "\n")
 
 
-def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True) -> Path:
-    """Train ``cfg``; resume from ``cfg.output_dir`` if it holds a checkpoint. Return the export path."""
+def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True,
+          samples: Sequence[Sample] | None = None, validation: tuple[list, dict | None] | None = None) -> Path:
+    """Train ``cfg``; resume from ``cfg.output_dir`` if it holds a checkpoint. Return the export path.
+
+    ``samples`` and ``validation`` (from :func:`training_samples` and
+    :func:`validation_items`) skip loading the config's data again, for a caller that
+    trains several times on the same data.
+    """
     from tqdm import tqdm
 
     from dicom_node.model.architectures import build_model
@@ -326,15 +369,12 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True)
     run_log = log.bind(architecture=cfg.model.architecture, output_dir=str(output_dir))
 
     started = time.monotonic()
-    samples = load_samples(cfg.data.train_json, input_size=cfg.model.input_size, cache=cfg.data.cache_images)
-    val_items, val_gt = [], None
-    if cfg.data.val_json is not None:
-        val_set = open_dataset(cfg.data.val_json, input_size=cfg.model.input_size)
-        val_items, val_gt = [val_set[i] for i in range(len(val_set))], val_set.coco
+    samples = training_samples(cfg) if samples is None else samples
+    val_items, val_gt = validation_items(cfg) if validation is None else validation
     run_log.info("train_data_loaded", train_images=len(samples), val_images=len(val_items),
                  seconds=round(time.monotonic() - started, 1))
 
-    model = build_model(cfg.model.architecture, num_classes=1).to(dev)
+    model = build_model(cfg.model.architecture, num_classes=1, smallest_anchor=cfg.model.smallest_anchor).to(dev)
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
     use_amp = cfg.amp and dev.type == "cuda"
@@ -423,7 +463,8 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True)
         "loss": cfg.loss,
         "optimizer": opt.model_dump(),
         "augment": cfg.augment.model_dump(),
-        "train_json": f"{cfg.data.train_json.parent.name}/{cfg.data.train_json.name}",
+        "train_data": (cfg.data.train_phantoms.model_dump() if cfg.data.train_phantoms is not None
+                       else f"{cfg.data.train_json.parent.name}/{cfg.data.train_json.name}"),
         "train_images": len(samples),
         "validation": _scalars(last_metrics),
         "torch": torch.__version__,
