@@ -43,12 +43,16 @@ class Display:
         """This display with a concrete VOI: the window spanning `stored`'s modality values."""
         if self.voi is not None:
             return self
-        values = self.modality.apply(stored)
+        values = self.modality_values(stored)
         return replace(self, voi=Window.spanning(values.min(), values.max(), explanation=FULL_RANGE))
+
+    def modality_values(self, stored: np.ndarray) -> np.ndarray:
+        """Stored values through the Modality LUT, as float32."""
+        return np.asarray(self.modality.apply(stored), dtype=np.float32)
 
     def render(self, stored: np.ndarray) -> np.ndarray:
         """Stored values -> float32 display values in [0, 1], dense tissue bright."""
-        values = self.modality.apply(stored)
+        values = self.modality_values(stored)
         voi = self.voi
         if voi is None:
             voi = Window.spanning(values.min(), values.max(), explanation=FULL_RANGE)
