@@ -385,3 +385,12 @@ def test_65536_entries_are_declared_as_0(ramp):
     lut = (65535 - np.arange(65536)).astype(np.uint16)
     ramp.VOILUTSequence = Sequence([voi_lut(lut, [0, 0, 16], descriptor_vr="US")])
     np.testing.assert_allclose(display_pixels(ramp), looked_up(ramp.pixel_array, lut, 0), atol=1e-6)
+
+
+def test_an_image_declaring_more_than_max_bytes_is_refused_before_decoding():
+    # A few bytes that declare 65535 x 65535 x 16 bits (8 GB): refused by what it declares.
+    ds = mammogram(rows=8, columns=8)
+    ds.Rows = ds.Columns = 65535
+    with pytest.raises(UnsupportedImage, match="declares 8191 MB of pixels"):
+        prepare(ds, input_size=64, max_bytes=4096 * 2**20)
+    assert display_pixels(mammogram(rows=8, columns=8), max_bytes=128).shape == (8, 8)  # 128 B: fits
