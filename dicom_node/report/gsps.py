@@ -18,20 +18,23 @@ that cannot be referenced (not in ``images``, colour or non-image objects) are o
 in the Content Description.
 
 Pixel transformations (a GSPS replaces the image's own, PS3.4 N.2): the presentation state
-reproduces how the images look without it.
+shows what the model saw. Which Modality LUT, VOI LUT and polarity apply to an image comes
+from the pixel package (``dicom_node.pixels.display_of``), the one that makes the model input.
 
 - Modality LUT: the images' Rescale Slope/Intercept (identity when absent).
 - Softcopy VOI LUT: every window of each image (centre, width, explanation, VOI LUT Function
-  such as SIGMOID) or its VOI LUT Sequence, grouped per distinct value with Referenced Image
-  Sequence where they differ. An image without any window gets the full range of its
-  stored values (``FULL RANGE``), what a viewer would do, so the GSPS always states a VOI.
+  such as SIGMOID) or its VOI LUT table (scaled to span 16 bits, as the pipeline scales it
+  to black..white), grouped per distinct value with Referenced Image Sequence where they
+  differ. An image without any gets the window spanning its own values (``FULL RANGE``), the
+  pipeline's min/max, so the GSPS always states a VOI.
 - Presentation LUT Shape: IDENTITY for MONOCHROME2, INVERSE for MONOCHROME1: a GSPS makes the
   viewer ignore the image's Photometric Interpretation (PS3.3 C.11.6, PS3.4 N.2), so without INVERSE
   a MONOCHROME1 mammogram would show with dense tissue dark.
 - When the images cannot share one Modality LUT and one polarity (different rescales, Modality
-  LUT Sequences, MONOCHROME1 mixed with MONOCHROME2: rare), every image instead gets a VOI LUT
-  table that bakes in its own modality LUT, first window and polarity, under an identity
-  Modality LUT and an IDENTITY Presentation LUT.
+  LUT Sequences, MONOCHROME1 mixed with MONOCHROME2, a VOI LUT with a negative first value
+  mapped: rare), every image instead gets a VOI LUT table that bakes in its whole display
+  (the pipeline's own rendering of every stored value), under a Modality LUT that only
+  shifts signed stored values to non-negative ones and an IDENTITY Presentation LUT.
 
 Images of different sizes (different detector formats in one study) get one Displayed Area
 Selection item per size (PS3.3 C.10.4). highdicom requires one size, so it is given copies
@@ -55,8 +58,8 @@ from __future__ import annotations
 import copy
 import math
 import platform
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import highdicom
@@ -78,20 +81,27 @@ from highdicom.pr import (
 )
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.valuerep import DA, TM
 
 from dicom_node import __version__
 from dicom_node.config import ReportConfig
-from dicom_node.errors import UnsupportedImage
+from dicom_node.errors import PermanentError, UnsupportedImage
 from dicom_node.log import get_logger
+from dicom_node.pixels import (
+    FULL_RANGE,
+    Display,
+    LookupTable,
+    Rescale,
+    Window,
+    display_of,
+    stored_values,
+)
 
 log = get_logger(__name__)
 
 MODEL_NAME = "dicom-node"
 AI_NOTICE = "AI, not for diagnosis"
-FULL_RANGE = "FULL RANGE"
 
 # Bulk data that the references never need: dropped from the working copies.
 _BULK_TAGS = frozenset(
@@ -101,7 +111,6 @@ _BULK_TAGS = frozenset(
 # Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that
 # highdicom reads from the first image whether present or not.
 _TYPE2_TEXT = ("PatientName", "PatientID", "AccessionNumber", "StudyID", "ReferringPhysicianName")
-_VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 _RESCALE_TYPES = frozenset(value.value for value in highdicom.RescaleTypeValues)
 
 
@@ -164,7 +173,9 @@ def build_gsps(
         annotations, marked = _annotations(
             references, detections, skipped, analysed_frames, layer, prefix=report.manufacturer
         )
-        modality, vois, presentation = _pixel_transformations(references, analysed_frames)
+        modality, vois, presentation = _pixel_transformations(
+            by_uid, references, analysed_frames, analysed=detections.keys()
+        )
         same_size = [_with_size(ref, references[0]) for ref in references]
         gsps = GrayscaleSoftcopyPresentationState(
             referenced_images=same_size,
@@ -464,235 +475,153 @@ def _displayed_areas(references: Sequence[Dataset]) -> list[Dataset]:
 # ---------------------------------------------------------------- pixel transformations
 
 
-@dataclass(frozen=True)
-class _Display:
-    """How one image is displayed without a presentation state (PS3.4 N.2.1)."""
+def _pixel_transformations(
+    images: Mapping[str, Dataset],
+    references: Sequence[Dataset],
+    frames: Mapping[str, int | None],
+    analysed: Collection[str],
+):
+    """(Modality LUT, Softcopy VOI LUTs, Presentation LUT) reproducing the images' display.
 
-    image: Dataset
-    monochrome1: bool
-    stored_min: int
-    stored_max: int
-    rescale: tuple[float, float]  # slope, intercept; (1, 0) when absent
-    rescale_type: str
-    modality_table: Dataset | None  # an item of the Modality LUT Sequence
-    window: tuple | None  # (centres, widths, explanations or None, function or None)
-    voi_tables: tuple[Dataset, ...]
-
-    def modality_range(self) -> tuple[float, float]:
-        slope, intercept = self.rescale
-        ends = sorted((self.stored_min * slope + intercept, self.stored_max * slope + intercept))
-        return ends[0], ends[1]
-
-
-def _pixel_transformations(references: Sequence[Dataset], frames: Mapping[str, int | None]):
-    """(Modality LUT, Softcopy VOI LUTs, Presentation LUT) reproducing the images' display."""
-    displays = [_display_of(ref, frames[str(ref.SOPInstanceUID)]) for ref in references]
-    rescales = {d.rescale for d in displays}
-    polarities = {d.monochrome1 for d in displays}
-    if len(rescales) == 1 and len(polarities) == 1 and not any(d.modality_table for d in displays):
+    Each image's display comes from the pixel package (`dicom_node.pixels.display_of`),
+    the one the model input was made with. `images` are the callers' datasets (with pixel
+    data: an analysed image without a window is decoded again for its min/max).
+    """
+    displays = [
+        (ref, _display(images[str(ref.SOPInstanceUID)], frames[str(ref.SOPInstanceUID)],
+                       analysed=str(ref.SOPInstanceUID) in analysed))
+        for ref in references
+    ]
+    rescales = {(d.modality.slope, d.modality.intercept) if isinstance(d.modality, Rescale)
+                else None for _, d in displays}
+    polarities = {d.inverse for _, d in displays}
+    if (
+        len(rescales) == 1 and None not in rescales and len(polarities) == 1
+        and all(_copyable(d.voi) for _, d in displays)
+    ):
         slope, intercept = rescales.pop()
-        types = {d.rescale_type for d in displays}
+        types = {d.modality.type for _, d in displays}
+        rescale_type = types.pop() if len(types) == 1 else "US"
         modality = highdicom.ModalityLUTTransformation(
             rescale_intercept=intercept,
             rescale_slope=slope,
-            rescale_type=types.pop() if len(types) == 1 else "US",
+            rescale_type=rescale_type if rescale_type in _RESCALE_TYPES else "US",
         )
         shape = "INVERSE" if polarities.pop() else "IDENTITY"
         return modality, _copied_vois(displays), highdicom.PresentationLUTTransformation(shape)
     log.info("gsps_voi_tables", images=len(displays))
-    identity = highdicom.ModalityLUTTransformation(
-        rescale_intercept=0.0, rescale_slope=1.0, rescale_type="US"
+    # Baked tables are indexed by stored value; a VOI LUT's first value mapped is unsigned
+    # here (highdicom), so signed stored values are shifted up by the Modality LUT.
+    shift = max(0, -min(d.stored_min for _, d in displays))
+    shifted = highdicom.ModalityLUTTransformation(
+        rescale_intercept=float(shift), rescale_slope=1.0, rescale_type="US"
     )
     vois = [
         SoftcopyVOILUTTransformation(
-            voi_luts=[_baked_table(d)],
-            referenced_images=highdicom.ReferencedImageSequence([d.image]),
+            voi_luts=[_baked_table(ref, d, shift)],
+            referenced_images=highdicom.ReferencedImageSequence([ref]),
         )
-        for d in displays
+        for ref, d in displays
     ]
-    return identity, vois, highdicom.PresentationLUTTransformation("IDENTITY")
+    return shifted, vois, highdicom.PresentationLUTTransformation("IDENTITY")
 
 
-def _display_of(ds: Dataset, frame: int | None) -> _Display:
-    # Enhanced multi-frame images keep rescale and window in functional groups
-    # (PS3.3 C.7.6.16.2.9 Pixel Value Transformation, C.7.6.16.2.10 Frame VOI LUT).
-    pixel_source = _functional_item(ds, frame, "PixelValueTransformationSequence") or ds
-    voi_source = _functional_item(ds, frame, "FrameVOILUTSequence") or ds
-    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
-    signed = int(ds.get("PixelRepresentation") or 0) == 1
-    rescale_type = str(pixel_source.get("RescaleType") or "US")
-    tables = pixel_source.get("ModalityLUTSequence") or ds.get("ModalityLUTSequence")
-    return _Display(
-        image=ds,
-        monochrome1=str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1",
-        stored_min=-(1 << (bits - 1)) if signed else 0,
-        stored_max=(1 << (bits - 1)) - 1 if signed else (1 << bits) - 1,
-        rescale=(
-            float(pixel_source.get("RescaleSlope") or 1.0),
-            float(pixel_source.get("RescaleIntercept") or 0.0),
-        ),
-        rescale_type=rescale_type if rescale_type in _RESCALE_TYPES else "US",
-        modality_table=tables[0] if tables else None,
-        window=_window_of(voi_source),
-        voi_tables=tuple(voi_source.get("VOILUTSequence") or ds.get("VOILUTSequence") or ()),
+def _display(ds: Dataset, frame: int | None, *, analysed: bool) -> Display:
+    """The image's display, with a concrete VOI.
+
+    Without a window or VOI LUT the pipeline shows the frame's own min..max: an analysed
+    image (which the worker decoded within its bounds) is decoded again to find them. A
+    skipped image is not decoded (it may be what the bounds refused): it gets the range
+    its Bits Stored allow, as a viewer would.
+    """
+    display = display_of(ds, frame)
+    if display.voi is not None:
+        return display
+    if analysed:
+        try:
+            return display.resolved(stored_values(ds, frame=frame))
+        except (UnsupportedImage, PermanentError, ValueError) as error:
+            log.warning("gsps_full_range_from_bits", sop_instance_uid=str(ds.SOPInstanceUID),
+                        error=str(error))
+    if isinstance(display.modality, Rescale):
+        low, high = display.modality.output_range(display.stored_min, display.stored_max)
+    else:
+        low, high = 0, (1 << display.modality.bits) - 1
+    return replace(display, voi=Window.spanning(low, high, explanation=FULL_RANGE))
+
+
+def _copyable(voi: Window | LookupTable | None) -> bool:
+    """Whether a VOI can be copied as is: a window, or a table highdicom can write."""
+    return isinstance(voi, Window) or (
+        isinstance(voi, LookupTable) and 0 <= voi.first_mapped < 1 << 16
     )
 
 
-def _functional_item(ds: Dataset, frame: int | None, keyword: str) -> Dataset | None:
-    groups = []
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and frame is not None and frame < len(per_frame):
-        groups.append(per_frame[frame])
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:
-        groups.append(shared[0])
-    for group in groups:
-        sequence = group.get(keyword)
-        if sequence:
-            return sequence[0]
-    return None
-
-
-def _as_tuple(value) -> tuple:
-    if value is None:
-        return ()
-    if isinstance(value, (MultiValue, list, tuple)):
-        return tuple(value)
-    return (value,)
-
-
-def _window_of(source: Dataset) -> tuple | None:
-    try:
-        centres = tuple(float(v) for v in _as_tuple(source.get("WindowCenter")))
-        widths = tuple(float(v) for v in _as_tuple(source.get("WindowWidth")))
-    except (TypeError, ValueError):
-        return None  # an empty or malformed window: treated as no window
-    if not centres or len(centres) != len(widths) or min(widths) <= 0:
-        return None
-    explanations = tuple(str(v) for v in _as_tuple(source.get("WindowCenterWidthExplanation")))
-    function = str(source.get("VOILUTFunction") or "").strip().upper()
-    if function == "LINEAR" and min(widths) < 1:
-        return None  # PS3.3 C.11.2.1.2.1: LINEAR needs width >= 1
-    return (
-        centres,
-        widths,
-        explanations if len(explanations) == len(centres) else None,
-        function if function in _VOI_FUNCTIONS else None,
-    )
-
-
-def _copied_vois(displays: Sequence[_Display]) -> list[SoftcopyVOILUTTransformation]:
-    """The images' own windows (or VOI LUT tables), one item per distinct value."""
-    groups: dict[tuple, list[_Display]] = {}
-    for display in displays:
-        tables = [t for t in (_voi_table(item) for item in display.voi_tables) if t is not None]
-        if display.window is not None:
-            key = ("window", *display.window)
-        elif tables:
-            key = ("table", *((int(t.LUTDescriptor[1]), t.LUTData) for t in tables))
+def _copied_vois(displays: Sequence[tuple[Dataset, Display]]) -> list[SoftcopyVOILUTTransformation]:
+    """The images' own windows (or VOI LUT table), one item per distinct value."""
+    groups: dict[tuple, list[Dataset]] = {}
+    tables: dict[tuple, highdicom.VOILUT] = {}
+    for ref, display in displays:
+        voi = display.voi
+        if isinstance(voi, Window):
+            key = ("window", voi.centers, voi.widths, voi.explanations, voi.function)
         else:
-            low, high = display.modality_range()
-            # C.11.2.1.2.1 LINEAR maps [c - 0.5 - (w-1)/2, c - 0.5 + (w-1)/2] onto the output:
-            # this centre and width map exactly the lowest and highest value to black and white.
-            key = ("window", (low + (high - low + 1) / 2,), (high - low + 1,), (FULL_RANGE,), None)
-        groups.setdefault(key, []).append(display)
+            table = _normalised_table(voi)
+            key = ("table", table.first_mapped_value, table.LUTData)
+            tables[key] = table
+        groups.setdefault(key, []).append(ref)
     vois = []
     for key, members in groups.items():
-        refs = (
-            None if len(groups) == 1
-            else highdicom.ReferencedImageSequence([d.image for d in members])
-        )
+        refs = None if len(groups) == 1 else highdicom.ReferencedImageSequence(members)
         if key[0] == "window":
-            _, centres, widths, explanations, function = key
+            _, centers, widths, explanations, function = key
             vois.append(
                 SoftcopyVOILUTTransformation(
-                    window_center=list(centres),
+                    window_center=list(centers),
                     window_width=list(widths),
                     window_explanation=list(explanations) if explanations else None,
-                    voi_lut_function=function,
+                    voi_lut_function=None if function == "LINEAR" else function,
                     referenced_images=refs,
                 )
             )
         else:
-            tables = [t for t in (_voi_table(i) for i in members[0].voi_tables) if t is not None]
-            vois.append(SoftcopyVOILUTTransformation(voi_luts=tables, referenced_images=refs))
+            vois.append(SoftcopyVOILUTTransformation(voi_luts=[tables[key]], referenced_images=refs))
     return vois
 
 
-def _lut_values(item: Dataset) -> tuple[int, int, np.ndarray]:
-    """(first mapped value, bits per entry, entries) of a LUT item (PS3.3 C.11.1.1.1)."""
-    count, first, bits = (int(v) for v in item.LUTDescriptor)
-    count = count or 65536  # 0 means 2^16 entries
-    data = item.LUTData
-    if isinstance(data, bytes):
-        values = np.frombuffer(data, dtype="<u2" if bits > 8 or len(data) >= 2 * count else "u1")
-    else:
-        values = np.asarray(_as_tuple(data), dtype=np.int64)
-    return first, bits, values[:count].astype(np.int64)
+def _normalised_table(table: LookupTable) -> highdicom.VOILUT:
+    """`table` as a 16-bit VOILUT whose entries span 0..65535.
 
-
-def _voi_table(item: Dataset) -> highdicom.VOILUT | None:
-    """A source VOI LUT item as a 16-bit highdicom VOILUT (same display), or None if unusable."""
-    try:
-        first, bits, values = _lut_values(item)
-    except (AttributeError, TypeError, ValueError):
-        return None
-    if first < 0 or first >= 1 << 16 or not 8 <= bits <= 16 or values.size == 0:
-        return None
-    scaled = np.round(values.clip(0, (1 << bits) - 1) * 65535 / ((1 << bits) - 1))
-    explanation = item.get("LUTExplanation")
+    The pipeline scales a VOI LUT's own output range to black..white
+    (LookupTable.apply_normalised); a viewer scales 0..2^bits-1. A table spanning the
+    full 16 bits looks the same to both.
+    """
+    entries = table.entries
+    low, high = int(entries.min()), int(entries.max())
+    scale = 65535 / (high - low) if high > low else 0.0
     return highdicom.VOILUT(
-        first_mapped_value=first,
-        lut_data=scaled.astype(np.uint16),
-        lut_explanation=_fit(str(explanation), 64) if explanation else None,
+        first_mapped_value=table.first_mapped,
+        lut_data=np.round((entries - low) * scale).astype(np.uint16),
+        lut_explanation=_fit(table.explanation, 64) if table.explanation else None,
     )
 
 
-def _baked_table(display: _Display) -> highdicom.VOILUT:
-    """A VOI LUT from stored values to display values: modality LUT, window and polarity."""
-    if display.stored_min < 0 or display.stored_max >= 1 << 16:
+def _baked_table(ref: Dataset, display: Display, shift: int) -> highdicom.VOILUT:
+    """A VOI LUT from (shifted) stored values to display values: the whole pipeline."""
+    if display.stored_max + shift >= 1 << 16:
         raise UnsupportedImage(
-            f"image {display.image.SOPInstanceUID}: signed or >16-bit pixels in a study whose "
+            f"image {ref.SOPInstanceUID}: more than 16 bits of stored values in a study whose "
             "images need different modality LUTs or polarities"
         )
-    stored = np.arange(display.stored_min, display.stored_max + 1, dtype=np.float64)
-    if display.modality_table is not None:
-        first, bits, values = _lut_values(display.modality_table)
-        modality = values[np.clip(stored - first, 0, values.size - 1).astype(np.int64)]
-        low, high = 0.0, float((1 << bits) - 1)
-    else:
-        slope, intercept = display.rescale
-        modality = stored * slope + intercept
-        low, high = display.modality_range()
-    shown = _apply_voi(display, modality.astype(np.float64), low, high)
-    if display.monochrome1:
-        shown = 1.0 - shown
+    stored = np.arange(display.stored_min, display.stored_max + 1, dtype=np.int64)
+    levels = np.round(replace(display, inverse=False).render(stored) * np.float32(65535))
+    if display.inverse:
+        levels = 65535 - levels  # inverted in whole levels: exactly the mirror image
     return highdicom.VOILUT(
-        first_mapped_value=display.stored_min,
-        lut_data=np.round(shown * 65535).astype(np.uint16),
+        first_mapped_value=display.stored_min + shift,
+        lut_data=levels.astype(np.uint16),
         lut_explanation="MODALITY, VOI AND POLARITY",
     )
-
-
-def _apply_voi(display: _Display, values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """The image's first window (or VOI LUT) applied to modality values, output in [0, 1]."""
-    if display.window is not None:
-        centres, widths, _, function = display.window
-        c, w = centres[0], widths[0]
-        if function == "SIGMOID":  # PS3.3 C.11.2.1.3.1
-            return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
-        if function == "LINEAR_EXACT":  # PS3.3 C.11.2.1.3.2
-            return np.clip((values - c) / w + 0.5, 0.0, 1.0)
-        # PS3.3 C.11.2.1.2.1 LINEAR (the default)
-        return np.clip((values - (c - 0.5)) / max(w - 1.0, 1e-9) + 0.5, 0.0, 1.0)
-    for item in display.voi_tables:
-        try:
-            first, bits, table = _lut_values(item)
-        except (AttributeError, TypeError, ValueError):
-            continue
-        index = np.clip(np.floor(values) - first, 0, table.size - 1).astype(np.int64)
-        return table[index] / float((1 << bits) - 1)
-    return (values - low) / max(high - low, 1e-9)
 
 
 # ---------------------------------------------------------------- text helpers

@@ -18,6 +18,7 @@ from pydicom.uid import (
     CTImageStorage,
     DigitalMammographyXRayImageStorageForProcessing,
     DigitalXRayImageStorageForPresentation,
+    ExplicitVRBigEndian,
     JPEG2000Lossless,
     SecondaryCaptureImageStorage,
 )
@@ -309,3 +310,87 @@ def test_prepare_is_display_pixels_resized(ramp):
     assert prepared.pixels.dtype == np.float32
     # a ramp stays a ramp: the resize does not distort the intensities
     np.testing.assert_allclose(prepared.pixels[0], np.linspace(0, 1, 128), atol=0.02)
+
+
+def signed_ramp() -> Dataset:
+    """Stored values -2048..2047 along each row (12 bits, Pixel Representation 1)."""
+    ds = without_window(mammogram(rows=4, columns=4096))
+    ds.PixelRepresentation = 1
+    ds.PixelData = np.tile(np.arange(-2048, 2048, dtype="<i2"), (4, 1)).tobytes()
+    del ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType
+    return ds
+
+
+def voi_lut(lut: np.ndarray, descriptor: list[int], *, descriptor_vr: str, data: bytes | None = None) -> Dataset:
+    item = Dataset()
+    item.add(DataElement(0x00283002, descriptor_vr, descriptor))
+    item.add(DataElement(0x00283006, "OW", lut.astype("<u2").tobytes() if data is None else data))
+    return item
+
+
+def looked_up(stored: np.ndarray, lut: np.ndarray, first: int) -> np.ndarray:
+    values = lut[np.clip(stored.astype(np.int64) - first, 0, len(lut) - 1)].astype(np.float64)
+    return (values - lut.min()) / (lut.max() - lut.min())
+
+
+@pytest.mark.parametrize("descriptor_vr", ["SS", "US"])
+def test_signed_first_mapped_value_of_signed_pixels(tmp_path, descriptor_vr):
+    # PS3.3 C.11.2.1.1: the first value mapped is SS for signed pixels; readers give it
+    # as -1000 (SS) or as 64536 (US, the same 16 bits).
+    ds = signed_ramp()
+    lut = np.linspace(0, 65535, 2000).round().astype(np.uint16)
+    first = -1000 if descriptor_vr == "SS" else 65536 - 1000
+    ds.VOILUTSequence = Sequence([voi_lut(lut, [2000, first, 16], descriptor_vr=descriptor_vr)])
+    ds = pydicom.dcmread(write(ds, tmp_path / "signed.dcm"))
+    expected = looked_up(ds.pixel_array, lut, -1000)
+    np.testing.assert_allclose(display_pixels(ds), expected, atol=1e-6)
+
+
+def test_voi_lut_after_a_rescale_below_zero_has_a_signed_first_value(ramp):
+    # C.11.2.1.1: SS "if the possible output range after ... Rescale ... may be signed".
+    ramp = without_window(ramp)
+    ramp.RescaleIntercept = -2048
+    lut = np.linspace(0, 65535, 3000).round().astype(np.uint16)
+    ramp.VOILUTSequence = Sequence([voi_lut(lut, [3000, 65536 - 1000, 16], descriptor_vr="US")])
+    expected = looked_up(ramp.pixel_array.astype(np.int64) - 2048, lut, -1000)
+    np.testing.assert_allclose(display_pixels(ramp), expected, atol=1e-6)
+
+
+def test_ow_lut_data_of_a_big_endian_file(tmp_path, ramp):
+    # pydicom gives OW as raw bytes: they are words in the file's byte order.
+    ramp = without_window(ramp)
+    lut = (np.linspace(0, 1, 4096) ** 0.5 * 65535).round().astype(np.uint16)
+    ramp.VOILUTSequence = Sequence([
+        voi_lut(lut, [4096, 0, 16], descriptor_vr="US", data=lut.astype(">u2").tobytes())
+    ])
+    ramp.PixelData = ramp.pixel_array.astype(">u2").tobytes()
+    ramp.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    ds = pydicom.dcmread(write(ramp, tmp_path / "big.dcm"))
+    assert ds.original_encoding == (False, False) and isinstance(ds.VOILUTSequence[0].LUTData, bytes)
+    np.testing.assert_allclose(display_pixels(ds), looked_up(ds.pixel_array, lut, 0), atol=1e-6)
+
+
+def test_8_bit_entries_packed_two_per_word(ramp):
+    # CP-522: 8-bit entries are packed two per 16-bit word, the first in the low byte.
+    ramp = without_window(ramp)
+    lut = np.linspace(255, 0, 4096).round().astype(np.uint8)  # inverting
+    ramp.VOILUTSequence = Sequence([
+        voi_lut(lut, [4096, 0, 8], descriptor_vr="US", data=lut.tobytes())
+    ])
+    np.testing.assert_allclose(display_pixels(ramp), looked_up(ramp.pixel_array, lut, 0), atol=1e-6)
+
+
+def test_65536_entries_are_declared_as_0(ramp):
+    ramp = without_window(ramp)
+    lut = (65535 - np.arange(65536)).astype(np.uint16)
+    ramp.VOILUTSequence = Sequence([voi_lut(lut, [0, 0, 16], descriptor_vr="US")])
+    np.testing.assert_allclose(display_pixels(ramp), looked_up(ramp.pixel_array, lut, 0), atol=1e-6)
+
+
+def test_an_image_declaring_more_than_max_bytes_is_refused_before_decoding():
+    # A few bytes that declare 65535 x 65535 x 16 bits (8 GB): refused by what it declares.
+    ds = mammogram(rows=8, columns=8)
+    ds.Rows = ds.Columns = 65535
+    with pytest.raises(UnsupportedImage, match="declares 8191 MB of pixels"):
+        prepare(ds, input_size=64, max_bytes=4096 * 2**20)
+    assert display_pixels(mammogram(rows=8, columns=8), max_bytes=128).shape == (8, 8)  # 128 B: fits

@@ -152,7 +152,8 @@ def test_the_images_windows_and_rescale_are_copied(build, written):
 def test_images_with_different_windows_each_keep_theirs(build, written):
     images = study(3)
     images[1].WindowCenter, images[1].WindowWidth = 1000, 500
-    del images[2].WindowCenter, images[2].WindowWidth  # no window: full stored range
+    del images[2].WindowCenter, images[2].WindowWidth  # no window: the image's own range
+    low, high = int(images[2].pixel_array.min()), int(images[2].pixel_array.max())
 
     ds = written(build(images, {im.SOPInstanceUID: [] for im in images}))
 
@@ -164,7 +165,9 @@ def test_images_with_different_windows_each_keep_theirs(build, written):
     assert windows == {
         images[0].SOPInstanceUID: (float(images[0].WindowCenter), float(images[0].WindowWidth)),
         images[1].SOPInstanceUID: (1000.0, 500.0),
-        images[2].SOPInstanceUID: (2048.0, 4096.0),  # 12 bits stored: 0..4095
+        # the LINEAR window mapping low to black and high to white (PS3.3 C.11.2.1.2.1),
+        # as the pixel pipeline showed the image to the model
+        images[2].SOPInstanceUID: (low + (high - low + 1) / 2, high - low + 1.0),
     }
 
 
