@@ -72,5 +72,8 @@ def resize_longest_side(image: np.ndarray, size: int) -> PreparedImage:
 def prepare(
     ds: Dataset, *, input_size: int, frame: int | None = None, max_bytes: int | None = None
 ) -> PreparedImage:
-    """Display pixels of `ds` resized so that the longest side is `input_size`."""
-    return resize_longest_side(display_pixels(ds, frame=frame, max_bytes=max_bytes), input_size)
+    """Display pixels of `ds` resized so that the longest side is `input_size`, in [0, 1]."""
+    prepared = resize_longest_side(display_pixels(ds, frame=frame, max_bytes=max_bytes), input_size)
+    # The resize's weights sum to 1 only to float32 precision: 1 + 1e-7 would leave [0, 1].
+    np.clip(prepared.pixels, 0.0, 1.0, out=prepared.pixels)
+    return prepared

@@ -152,22 +152,23 @@ def fit_schedule(cfg, *, seconds_per_iteration: float, seconds: float):
                                   "eval_every": 0})
 
 
-def _time_iterations(cfg, samples, *, device: str, iterations: int = 30) -> float:
+def _time_iterations(cfg, samples, *, device: str, iterations: int = 40) -> float:
     """Seconds per iteration of ``cfg`` on ``device``, read off a short run's metrics log
-    between its 10th and last iteration (model building and loader start-up left out)."""
+    between its 20th and last iteration (model building, loader start-up and the first,
+    slower steps left out)."""
     import tempfile
 
     from dicom_node.lab.train.loop import train
 
     with tempfile.TemporaryDirectory() as scratch:
-        optimizer = cfg.optimizer.model_copy(update={"iterations": iterations + 10, "lr_steps": [],
+        optimizer = cfg.optimizer.model_copy(update={"iterations": iterations + 20, "lr_steps": [],
                                                      "warmup_iters": 0})
         train(cfg.model_copy(update={"optimizer": optimizer, "output_dir": Path(scratch), "eval_every": 0,
                                      "export": Path(scratch) / "probe.pt", "checkpoint_every": 10**6}),
               device=device, progress=False, samples=samples, validation=([], None))
         records = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()]
         elapsed = {r["iteration"]: r["elapsed_s"] for r in records if "elapsed_s" in r}
-        return (elapsed[iterations + 10] - elapsed[10]) / iterations
+        return (elapsed[iterations + 20] - elapsed[20]) / iterations
 
 
 def build(config_path: Path, *, train_only: bool = False, evaluate_only: bool = False,
