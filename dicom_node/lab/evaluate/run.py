@@ -171,12 +171,12 @@ def write_report(result: Mapping, out_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------- running a detector
 
 
-def _load_dataset(dataset_json: Path) -> dict:
+def _load_dataset(dataset_json: Path, *, check_files: bool = True) -> dict:
     """The validated COCO set (DatasetError, a NodeError, lists what is wrong with it)."""
     from dicom_node.lab.datasets import DatasetError
     from dicom_node.lab.datasets.coco import load_coco
 
-    coco = load_coco(dataset_json)
+    coco = load_coco(dataset_json, check_files=check_files)
     if not coco["images"]:
         raise DatasetError(f"{dataset_json}: the dataset has no images")
     return coco
@@ -342,7 +342,7 @@ def score_detections(
     from dicom_node.lab.evaluate.detections import read_detections
 
     dataset_json, detections_json = Path(dataset_json), Path(detections_json)
-    coco = _load_dataset(dataset_json)
+    coco = _load_dataset(dataset_json, check_files=False)  # only its annotations are needed
     _check_fields(coco, by, dataset_json)
     detections = read_detections(detections_json, coco, dataset=dataset_json)
     log.info("evaluation_started", images=len(coco["images"]), detections_file=str(detections_json))
