@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tests.lab.evaluate.evaluate_cases import random_case
@@ -19,19 +20,21 @@ from dicom_node.lab.evaluate.run import score_detections
 
 pytest.importorskip("pycocotools")
 
+CONFIG = Path(__file__).resolve().parents[3] / "config" / "dicom-node.toml"
+
 REPORT_FILES = {"metrics.json", "detections.json", "report.md", "pr_curve.png", "froc_curve.png"}
 
 
 def evaluate_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dicom_node", "evaluate", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run([sys.executable, "-m", "dicom_node", "evaluate", "--config", str(CONFIG), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=180)
 
 
 def evaluate_main(capsys, *args) -> tuple[int, str]:
     """The CLI's main() in this process (the same code as the console script, without torch's start-up)."""
     from dicom_node.cli import main
 
-    status = main(["evaluate", *map(str, args)])
+    status = main(["evaluate", "--config", str(CONFIG), *map(str, args)])
     return status, capsys.readouterr().err
 
 
