@@ -229,8 +229,10 @@ def _check_fields(coco: Mapping, by, dataset_json: Path) -> None:
     for field in [by] if isinstance(by, str) else list(by or []):
         try:
             m.group_image_ids(coco, field)
-        except ValueError as error:
-            raise NodeError(f"{dataset_json}: {error}") from None
+        except ValueError as error:  # a --by field the dataset does not have: a bad argument
+            from dicom_node.lab.datasets import DatasetError
+
+            raise DatasetError(f"{dataset_json}: {error}") from None
 
 
 def evaluate_detector(
