@@ -238,17 +238,23 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from dicom_node.lab.evaluate.run import run_evaluation
+    from dicom_node.errors import ConfigError
+    from dicom_node.lab.evaluate.run import run_evaluation, score_detections
 
     config = _load(args)
-    detector = config.detector
-    overrides = {k: v for k, v in {"weights": args.weights, "architecture": args.architecture}.items() if v}
-    if overrides:
-        from dicom_node.config import DetectorConfig
-
-        detector = DetectorConfig.model_validate({**detector.model_dump(), **overrides})
-    result = run_evaluation(detector, Path(args.data), Path(args.out), by=args.by, device=args.device or "cpu",
-                            threshold=args.threshold)
+    if args.detections:
+        model_options = [flag for flag, value in (("--weights", args.weights), ("--architecture", args.architecture),
+                                                  ("--device", args.device)) if value]
+        if model_options:
+            raise ConfigError(f"--detections scores detections made elsewhere, {' and '.join(model_options)} "
+                              "would run a model: give one or the other")
+        threshold = config.detector.score_threshold if args.threshold is None else args.threshold
+        result = score_detections(Path(args.detections), Path(args.data), Path(args.out), threshold=threshold,
+                                  by=args.by)
+    else:
+        result = run_evaluation(config.detector, Path(args.data), Path(args.out), by=args.by,
+                                device=args.device or "cpu", threshold=args.threshold, weights=args.weights,
+                                architecture=args.architecture)
     print(json.dumps(result.get("summary", result), indent=2, default=str))
     return 0
 
@@ -349,8 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = with_config(sub.add_parser("evaluate", help="AP50, precision/recall/F1, FROC on a COCO set"))
     evaluate.add_argument("--data", required=True, help="COCO annotations JSON (images relative to it)")
     evaluate.add_argument("--out", required=True)
-    evaluate.add_argument("--weights")
-    evaluate.add_argument("--architecture")
+    evaluate.add_argument("--weights", help="checkpoint, training checkpoint, or 'demo' (default: detector.weights)")
+    evaluate.add_argument("--architecture", help="make sure the checkpoint is this architecture")
+    evaluate.add_argument("--detections", metavar="FILE",
+                          help="score these detections (COCO results JSON, made elsewhere) instead of running a model")
     evaluate.add_argument("--threshold", type=float, help="operating threshold (default: detector.score_threshold)")
     evaluate.add_argument("--by", help="break metrics down by this image field (view, density, ...)")
     evaluate.add_argument("--device")

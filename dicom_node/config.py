@@ -193,7 +193,8 @@ class WorkersConfig(_Section):
 
 
 class DetectorConfig(_Section):
-    architecture: Architecture = "retinanet_r101_fpn"
+    # Unset: the checkpoint's (it names its architecture); set, it must be the checkpoint's.
+    architecture: Architecture | None = None
     weights: str = DEMO_WEIGHTS
     score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
     # Longest image side fed to the model; the pixel pipeline does the resize.

@@ -335,7 +335,7 @@ def _run_worker(config: Config, name: str, stop_event, ready_queue, poll_seconds
     queue = Queue(config.database_url)
     store = InstanceStore(config.node.data_dir, fsync=config.node.fsync)
     worker_log.info(
-        "worker_ready", pid=os.getpid(), device=device, architecture=config.detector.architecture
+        "worker_ready", pid=os.getpid(), device=device, architecture=detector.architecture
     )
     ready_queue.put((name, "ready", device))
     outage = Outage("worker", logger=worker_log)

@@ -8,6 +8,11 @@ A checkpoint is ``torch.save`` of a plain dict::
      "model_options": {...build_model keyword arguments, optional...}}
 
 It is read with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+A training checkpoint (``checkpoint_NNNNNNN.pt``, TRAIN_STATE_FORMAT, written by
+dicom_node.lab.train.loop to resume a run) is read the same way and gives its model:
+it records architecture and input size too; it has no label, so one is made from the
+file name and iteration. Its only non-tensor objects are numpy's RNG state arrays,
+allowed by name (_TRAIN_STATE_GLOBALS), nothing else.
 Tensors may be stored in float16 to halve the file (the packaged demo weights);
 they are converted back to float32 on load. Every problem (missing file, not a
 checkpoint, wrong architecture, keys or shapes that do not fit) is a
@@ -17,10 +22,12 @@ CheckpointError naming the file and the architecture.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +37,12 @@ from dicom_node.errors import CheckpointError
 from dicom_node.model.architectures import build_model
 
 CHECKPOINT_FORMAT = "dicom-node-detector/1"
+TRAIN_STATE_FORMAT = "dicom-node-train-state/1"
+# What np.random.get_state() pickles to (an ndarray of uint32), in a training state.
+_TRAIN_STATE_GLOBALS = [
+    np.ndarray, np.dtype, np.dtypes.UInt32DType,
+    (getattr(np, "_core", None) or np.core).multiarray._reconstruct,
+]
 DEMO_WEIGHTS_FILE = Path(__file__).resolve().parent.parent / "weights" / "demo_retinanet_r18_fpn.pt"
 _MODEL_OPTIONS = ("image_mean", "image_std", "stride_in_1x1", "smallest_anchor")
 _KEYS_SHOWN = 5
@@ -96,28 +109,32 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path, *, architecture: str | None = None) -> dict:
-    """Read and check a checkpoint; float16 tensors come back as float32.
+def load_checkpoint(
+    path: str | Path, *, architecture: str | None = None, asked_by: str = "detector.architecture"
+) -> dict:
+    """Read and check a checkpoint (or a training checkpoint); float16 tensors come back as float32.
 
-    With `architecture`, a checkpoint for another architecture is a CheckpointError.
+    The checkpoint names its architecture. With `architecture` (what `asked_by`, a config
+    key or a command-line option, says), a checkpoint for another one is a CheckpointError
+    naming both.
     """
     path = Path(path)
     wanted = f" (architecture {architecture})" if architecture else ""
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found{wanted}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a file it cannot read
-        raise CheckpointError(
-            f"{path}: not a dicom-node checkpoint{wanted}: {_first_line(error)}"
-        ) from None
+    checkpoint = _read(path, wanted)
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == TRAIN_STATE_FORMAT:
+        checkpoint = _from_train_state(checkpoint, path)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         found = (
             checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         )
+        hint = ""
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+            hint = " (Detectron2 weights? convert them with dicom-node import-detectron2)"
         raise CheckpointError(
             f"{path}: not a dicom-node checkpoint{wanted}; "
-            f"expected format {CHECKPOINT_FORMAT!r}, found {found!r}"
+            f"expected format {CHECKPOINT_FORMAT!r}, found {found!r}{hint}"
         )
     problems = [
         key
@@ -136,7 +153,7 @@ def load_checkpoint(path: str | Path, *, architecture: str | None = None) -> dic
     if architecture is not None and checkpoint["architecture"] != architecture:
         raise CheckpointError(
             f"{path}: checkpoint is for architecture {checkpoint['architecture']!r}, "
-            f"the config asks for {architecture!r}"
+            f"{asked_by} asks for {architecture!r} (leave {asked_by} out to use the checkpoint's)"
         )
     checkpoint["state_dict"] = OrderedDict(
         (name, tensor.float() if tensor.dtype == torch.float16 else tensor)
@@ -147,13 +164,54 @@ def load_checkpoint(path: str | Path, *, architecture: str | None = None) -> dic
     return checkpoint
 
 
-def model_from_checkpoint(path: str | Path, *, architecture: str) -> tuple[nn.Module, dict]:
-    """Build `architecture` and load the checkpoint at `path` into it (strictly).
+def _read(path: Path, wanted: str):
+    """torch.load with weights_only (plus numpy's RNG arrays); one-line CheckpointError otherwise."""
+    try:
+        with torch.serialization.safe_globals(_TRAIN_STATE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():
+            raise CheckpointError(
+                f"{path}: not a dicom-node checkpoint{wanted}: {_first_line(error)}"
+            ) from None
+        # torch's text here suggests loading the file anyway, running its code: never.
+        raise CheckpointError(
+            f"{path}: not a dicom-node checkpoint{wanted}: it holds Python objects other than "
+            "weights (a whole pickled model?), which are not loaded; export a checkpoint with "
+            "dicom-node train or dicom-node import-detectron2"
+        ) from None
+    except Exception as error:  # torch raises several types for a file it cannot read
+        raise CheckpointError(
+            f"{path}: not a dicom-node checkpoint{wanted}: {_first_line(error)}"
+        ) from None
 
+
+def _from_train_state(state: dict, path: Path) -> dict:
+    """The model of a training checkpoint as a checkpoint dict (no label: made from the file)."""
+    iteration = state.get("iteration")
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "architecture": state.get("architecture"),
+        "input_size": state.get("input_size"),
+        "state_dict": state.get("model"),
+        "label": f"training checkpoint {path.name} (iteration {iteration})",
+        "trained": {"iterations": iteration, "training_checkpoint": path.name},
+        # Training builds every model with build_model's defaults (loop.train).
+        "model_options": {},
+    }
+
+
+def model_from_checkpoint(
+    path: str | Path, *, architecture: str | None = None, asked_by: str = "detector.architecture"
+) -> tuple[nn.Module, dict]:
+    """Build the checkpoint's architecture and load the checkpoint at `path` into it (strictly).
+
+    `architecture`, when given, must be the checkpoint's (see load_checkpoint).
     Returns (model in eval mode on the CPU, checkpoint dict).
     """
     path = Path(path)
-    checkpoint = load_checkpoint(path, architecture=architecture)
+    checkpoint = load_checkpoint(path, architecture=architecture, asked_by=asked_by)
+    architecture = checkpoint["architecture"]
     options = checkpoint["model_options"]
     unknown = sorted(set(options) - set(_MODEL_OPTIONS))
     if unknown:
@@ -204,6 +262,7 @@ def _first_line(error: BaseException) -> str:
 __all__ = [
     "CHECKPOINT_FORMAT",
     "DEMO_WEIGHTS_FILE",
+    "TRAIN_STATE_FORMAT",
     "demo_weights_path",
     "weights_file",
     "load_checkpoint",

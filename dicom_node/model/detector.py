@@ -40,6 +40,7 @@ class Detection:
 
 
 class Detector(Protocol):
+    architecture: str  # the checkpoint's (or fixed_boxes)
     input_size: int
     label: str  # what the weights are, e.g. "DEMO WEIGHTS - synthetic masses only, ..."
     # Tells models apart: results of another model get other UIDs (analyse.worker.result_uid).
@@ -79,8 +80,10 @@ class TorchDetector:
         device: str | torch.device = "cpu",
         batch_size: int = 2,
         fingerprint: str | None = None,
+        architecture: str = "unnamed",
     ):
         self.device = resolve_device(device)
+        self.architecture = architecture
         self.model = model.to(self.device).eval()
         self.input_size = input_size
         self.score_threshold = score_threshold
@@ -121,6 +124,8 @@ class FixedBoxesDetector:
     The weights file is JSON: ``{"label": "TEST DOUBLE ...", "boxes": [[x0, y0, x1,
     y1, score], ...]}`` with coordinates in [0, 1] of the image width/height.
     """
+
+    architecture = FIXED_BOXES
 
     def __init__(self, boxes: np.ndarray, *, label: str, input_size: int, score_threshold: float):
         self.boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
@@ -190,8 +195,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_detector(config: DetectorConfig, *, device: str = "cpu") -> Detector:
-    """The detector that `config` names; CheckpointError naming file and architecture."""
+def load_detector(
+    config: DetectorConfig, *, device: str = "cpu", asked_by: str = "detector.architecture"
+) -> Detector:
+    """The detector that `config` names; CheckpointError naming file and architecture.
+
+    The checkpoint names its architecture and input size; `config.architecture`, when
+    set, must agree (a CheckpointError naming both and `asked_by` otherwise), and
+    `config.input_size`, when set, overrides the checkpoint's. The node and evaluation
+    both come here, so both follow this one rule.
+    """
     if config.architecture == FIXED_BOXES:
         return FixedBoxesDetector.from_file(
             config.weights,
@@ -199,11 +212,11 @@ def load_detector(config: DetectorConfig, *, device: str = "cpu") -> Detector:
             score_threshold=config.score_threshold,
         )
     path = weights_file(config.weights)
-    model, checkpoint = model_from_checkpoint(path, architecture=config.architecture)
+    model, checkpoint = model_from_checkpoint(path, architecture=config.architecture, asked_by=asked_by)
+    architecture = checkpoint["architecture"]
     input_size = checkpoint["input_size"]
-    # The checkpoint knows the size it was trained at; an input_size written in
-    # the config overrides it (pydantic records which fields were given).
-    if "input_size" in config.model_fields_set and config.input_size != input_size:
+    # The checkpoint knows the size it was trained at; an input_size set in the config overrides it.
+    if config.input_size is not None and config.input_size != input_size:
         log.warning(
             "input_size_override",
             checkpoint_input_size=input_size,
@@ -217,14 +230,15 @@ def load_detector(config: DetectorConfig, *, device: str = "cpu") -> Detector:
         score_threshold=config.score_threshold,
         label=checkpoint["label"],
         device=device,
+        architecture=architecture,
         fingerprint=model_fingerprint(
-            architecture=config.architecture, weights_sha256=file_sha256(path),
+            architecture=architecture, weights_sha256=file_sha256(path),
             input_size=input_size, score_threshold=config.score_threshold,
         ),
     )
     log.info(
         "detector_loaded",
-        architecture=config.architecture,
+        architecture=architecture,
         weights=str(path),
         input_size=input_size,
         device=str(detector.device),

@@ -78,6 +78,6 @@ def check_config(config: Config, *, source: str) -> str:
         ports = "ports free"
     else:
         ports = f"ports not checked: a node runs on this data_dir (pid {pid or '?'})"
-    load_detector(config.detector, device="cpu")
-    return (f"{source}: OK (architecture {config.detector.architecture}, "
+    detector = load_detector(config.detector, device="cpu")
+    return (f"{source}: OK (architecture {detector.architecture}, "
             f"{len(config.destinations)} destination(s), data_dir {config.node.data_dir}, {ports})")

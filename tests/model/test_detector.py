@@ -172,11 +172,20 @@ def test_explicit_config_input_size_overrides_the_checkpoint(r18_checkpoint):
     assert load_detector(config).input_size == 96
 
 
+def test_the_checkpoint_names_architecture_and_input_size(r18_checkpoint):
+    """`weights` alone is enough: no architecture in the config, or an input_size given as None."""
+    for config in (DetectorConfig(weights=str(r18_checkpoint)),
+                   DetectorConfig.model_validate({"weights": str(r18_checkpoint), "input_size": None})):
+        detector = load_detector(config)
+        assert (detector.architecture, detector.input_size) == ("retinanet_r18_fpn", 160)
+
+
 def test_checkpoint_for_another_architecture(r18_checkpoint):
     config = DetectorConfig(architecture="retinanet_r101_fpn", weights=str(r18_checkpoint))
     with pytest.raises(CheckpointError) as error:
         load_detector(config)
     assert str(r18_checkpoint) in str(error.value) and "retinanet_r101_fpn" in str(error.value)
+    assert "'retinanet_r18_fpn', detector.architecture asks for 'retinanet_r101_fpn'" in str(error.value)
 
 
 def test_missing_checkpoint(tmp_path):

@@ -9,11 +9,15 @@
 The phantoms of :mod:`dicom_node.lab.phantom` are written in the same format.
 """
 
-from dicom_node.errors import NodeError
+from dicom_node.errors import ConfigError
 
 
-class DatasetError(NodeError):
-    """The dataset is invalid."""
+class DatasetError(ConfigError):
+    """The dataset is invalid.
+
+    A ConfigError: a dataset is input the user names on the command line, so a bad
+    one is exit status 2 with one line, like a bad config (dicom_node.cli).
+    """
 
 
 __all__ = ["DatasetError"]

@@ -10,6 +10,7 @@ from dicom_node.lab.evaluate.run import (
     evaluate_detections,
     evaluate_detector,
     run_evaluation,
+    score_detections,
     write_report,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "evaluate_detections",
     "evaluate_detector",
     "run_evaluation",
+    "score_detections",
     "write_report",
 ]

@@ -1,4 +1,5 @@
-"""`dicom-node evaluate`: run a detector over a COCO set, compute the metrics, write a report.
+"""`dicom-node evaluate`: run a detector over a COCO set (or read detections made elsewhere),
+compute the metrics, write a report.
 
 The report folder holds ``detections.json`` (COCO results format, original pixel
 coordinates, so anyone can recompute the metrics with pycocotools), ``metrics.json``,
@@ -14,8 +15,9 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from dicom_node.config import ARCHITECTURES
+from dicom_node.errors import ConfigError, NodeError
 from dicom_node.files import SHARED, write_atomically
-from dicom_node.errors import NodeError
 from dicom_node.lab.evaluate import metrics as m
 from dicom_node.lab.evaluate.plots import plot_froc_curve, plot_pr_curve
 from dicom_node.log import get_logger
@@ -169,12 +171,12 @@ def write_report(result: Mapping, out_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------- running a detector
 
 
-def _load_dataset(dataset_json: Path) -> dict:
+def _load_dataset(dataset_json: Path, *, check_files: bool = True) -> dict:
     """The validated COCO set (DatasetError, a NodeError, lists what is wrong with it)."""
     from dicom_node.lab.datasets import DatasetError
     from dicom_node.lab.datasets.coco import load_coco
 
-    coco = load_coco(dataset_json)
+    coco = load_coco(dataset_json, check_files=check_files)
     if not coco["images"]:
         raise DatasetError(f"{dataset_json}: the dataset has no images")
     return coco
@@ -227,8 +229,10 @@ def _check_fields(coco: Mapping, by, dataset_json: Path) -> None:
     for field in [by] if isinstance(by, str) else list(by or []):
         try:
             m.group_image_ids(coco, field)
-        except ValueError as error:
-            raise NodeError(f"{dataset_json}: {error}") from None
+        except ValueError as error:  # a --by field the dataset does not have: a bad argument
+            from dicom_node.lab.datasets import DatasetError
+
+            raise DatasetError(f"{dataset_json}: {error}") from None
 
 
 def evaluate_detector(
@@ -252,12 +256,21 @@ def _evaluate(detector, coco, dataset_json: Path, out_dir: Path, *, threshold, b
     detections, skipped = detect_dataset(detector, coco, dataset_json)
     if len(skipped) == len(coco["images"]):
         raise NodeError(f"{dataset_json}: no image could be analysed (first: {skipped[0]['reason']})")
+    return _report(coco, detections, dataset_json, out_dir, threshold=threshold, by=by, label=label,
+                   facts={"skipped_images": skipped})
+
+
+def _report(coco, detections, dataset_json: Path, out_dir: Path, *, threshold, by, label, facts: dict) -> dict:
+    """The metrics of `detections` on `coco` (plus `facts`), written with detections.json into `out_dir`."""
+    from dicom_node.lab.datasets import DatasetError
+
     try:
         result = evaluate_detections(coco, detections, threshold=threshold, by=by, label=label)
     except ValueError as error:
-        raise NodeError(f"{dataset_json}: {error}") from None
+        raise DatasetError(f"{dataset_json}: {error}") from None
     result["dataset"] = str(dataset_json)
-    result["skipped_images"] = skipped
+    result |= facts
+    skipped = facts.get("skipped_images", [])
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_text(out_dir / "detections.json", json.dumps(detections) + "\n")
     write_report(result, out_dir)
@@ -275,25 +288,66 @@ def run_evaluation(
     device: str = "cpu",
     threshold: float | None = None,
     label: str | None = None,
+    weights: str | None = None,
+    architecture: str | None = None,
 ) -> dict:
     """Load the configured detector, run it over a COCO set of DICOM images, write the report.
 
     `config_detector` is the node's DetectorConfig; its score_threshold is the operating
     threshold unless `threshold` is given (the detector itself runs without a cut-off so
-    that AP and FROC see every box). Image paths in the JSON are relative to the JSON
-    file. Writes detections.json and everything write_report writes; returns the result.
+    that AP and FROC see every box). `weights` (a checkpoint, a training checkpoint, or
+    ``demo``) replaces the config's weights and, with them, the config's architecture and
+    input size: those of the checkpoint apply, unless `architecture` is given, which the
+    checkpoint must then have. Image paths in the JSON are relative to the JSON file.
+    Writes detections.json and everything write_report writes; returns the result.
     Raises NodeError naming the problem (dataset, image file, field, checkpoint).
     """
     dataset_json = Path(dataset_json)
     coco = _load_dataset(dataset_json)
     _check_fields(coco, by, dataset_json)  # before loading the model and the slow run
     operating = config_detector.score_threshold if threshold is None else float(threshold)
+    chosen = {"score_threshold": SWEEP_SCORE_FLOOR}
+    if weights is not None:
+        # The config's architecture and input size go with the config's weights, not with these.
+        chosen |= {"weights": weights, "architecture": None, "input_size": None}
+    if architecture is not None:
+        if architecture not in ARCHITECTURES:
+            raise ConfigError(f"--architecture: unknown architecture {architecture!r}; "
+                              f"known: {', '.join(ARCHITECTURES)}")
+        chosen["architecture"] = architecture
 
     from dicom_node.model.detector import load_detector
 
-    detector = load_detector(config_detector.model_copy(update={"score_threshold": SWEEP_SCORE_FLOOR}),
-                             device=device)
+    config_detector = config_detector.model_copy(update=chosen)
+    detector = load_detector(config_detector, device=device,
+                             asked_by="--architecture" if architecture else "detector.architecture")
     if label is None:
         trained = getattr(detector, "label", None)
-        label = f"{config_detector.architecture} ({trained or Path(config_detector.weights).name})"
+        label = f"{detector.architecture} ({trained or Path(config_detector.weights).name})"
     return _evaluate(detector, coco, dataset_json, Path(out_dir), threshold=operating, by=by, label=label)
+
+
+def score_detections(
+    detections_json: Path,
+    dataset_json: Path,
+    out_dir: Path,
+    *,
+    threshold: float,
+    by: str | Sequence[str] | None = None,
+    label: str | None = None,
+) -> dict:
+    """Score detections made elsewhere (a COCO results file) on a COCO set; write the same report.
+
+    No model is loaded. The file is checked entry by entry against the dataset
+    (dicom_node.lab.evaluate.detections); DatasetError names the first bad entry.
+    """
+    from dicom_node.lab.evaluate.detections import read_detections
+
+    dataset_json, detections_json = Path(dataset_json), Path(detections_json)
+    coco = _load_dataset(dataset_json, check_files=False)  # only its annotations are needed
+    _check_fields(coco, by, dataset_json)
+    detections = read_detections(detections_json, coco, dataset=dataset_json)
+    log.info("evaluation_started", images=len(coco["images"]), detections_file=str(detections_json))
+    return _report(coco, detections, dataset_json, Path(out_dir), threshold=float(threshold), by=by,
+                   label=label or f"detections from {detections_json.name}",
+                   facts={"skipped_images": [], "detections_file": str(detections_json)})

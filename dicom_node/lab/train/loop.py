@@ -43,10 +43,10 @@ from dicom_node.lab.train.augment import augment
 from dicom_node.lab.train.config import TrainConfig
 from dicom_node.log import get_logger
 from dicom_node.model.architectures import MASS_LABEL
+from dicom_node.model.checkpoints import TRAIN_STATE_FORMAT as CHECKPOINT_FORMAT  # evaluate reads it too
 
 log = get_logger("dicom_node.lab.train")
 
-CHECKPOINT_FORMAT = "dicom-node-train-state/1"
 _CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{7})\.pt")
 KEEP_CHECKPOINTS = 2
 LOG_EVERY = 10  # iterations between lines of output_dir/metrics.jsonl
