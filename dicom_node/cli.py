@@ -222,8 +222,11 @@ def cmd_analyze(args) -> int:
 
 def cmd_phantom(args) -> int:
     from dicom_node.lab.phantom import write_phantoms
+    from dicom_node.lab.phantom_variety import VARIETIES
 
-    annotations = write_phantoms(Path(args.out), n=args.n, seed=args.seed, rows=args.rows, columns=args.columns)
+    variety = VARIETIES[args.variety] if args.variety else None
+    annotations = write_phantoms(Path(args.out), n=args.n, seed=args.seed, rows=args.rows, columns=args.columns,
+                                 variety=variety)
     print(f"wrote {args.n} synthetic phantom image(s) and {annotations} (SYNTHETIC - not patient data)")
     return 0
 
@@ -345,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--seed", type=int, default=0)
     phantom.add_argument("--rows", type=int, default=3328)
     phantom.add_argument("--columns", type=int, default=2560)
+    phantom.add_argument("--variety", choices=["training", "texture_reticular", "contrast_band", "size_3328x2560"],
+                         help="draw size, encoding, look, masses and burned-in text from a named variety "
+                              "(dicom_node/lab/phantom_variety.py); --rows/--columns are then not used")
     phantom.set_defaults(func=cmd_phantom)
 
     train = sub.add_parser("train", help="train a detector (config/train/*.toml)")

@@ -137,7 +137,8 @@ class Phantom:
     coarse_breast: np.ndarray = field(repr=False)  # bool, on the smooth-field grid
     coarse_pectoral: np.ndarray = field(repr=False)
     look: Look | None = None  # the drawn acquisition of a varied phantom
-    distractors: tuple[str, ...] = ()  # hard negatives burned in (never labelled)
+    distractors: tuple[str, ...] = ()  # kinds of hard negatives burned in (never labelled)
+    distractor_boxes: tuple[tuple[str, tuple[int, int, int, int]], ...] = ()  # (kind, box) of each
 
     @property
     def boxes(self) -> np.ndarray:
@@ -740,7 +741,7 @@ def generate_phantom(
                            margin=shape.margin, contrast=round(contrast, 4), area=area, shape=shape.kind))
 
     breast_mask, pectoral_mask = fields.breast, fields.pectoral
-    distractors: list[str] = []
+    marks: list[tuple[str, tuple[int, int, int, int]]] = []
     if look is not None:
         # Processing's tone curve, then hard negatives in the final orientation (text reads
         # left to right on either breast), then the noise of the detector.
@@ -750,7 +751,7 @@ def generate_phantom(
             image = np.ascontiguousarray(image[:, ::-1])
             breast_mask, pectoral_mask = breast_mask[:, ::-1], pectoral_mask[:, ::-1]
             masses = _mirrored(masses, columns)
-        distractors = draw_distractors(rng, image, variety=variety, spacing=spacing, laterality=laterality,
+        marks = draw_distractors(rng, image, variety=variety, spacing=spacing, laterality=laterality,
                                        view=view, breast=breast_mask, masses=[m.box for m in masses])
     noise_fraction = 0.006 if look is None else look.noise
     max_value = (1 << study.bits_stored) - 1
@@ -770,10 +771,11 @@ def generate_phantom(
         masses = _mirrored(masses, columns)
 
     dataset = _build_dataset(pixels, study=study, seed=seed, index=index, laterality=laterality,
-                             view=view, spacing=spacing, look=look, burned_in=bool(distractors))
+                             view=view, spacing=spacing, look=look, burned_in=bool(marks))
     return Phantom(dataset=dataset, masses=tuple(masses), laterality=laterality, view=view,
                    density=study.density, coarse_breast=breast_mask, coarse_pectoral=pectoral_mask,
-                   look=look, distractors=tuple(distractors))
+                   look=look, distractors=tuple(dict.fromkeys(kind for kind, _ in marks)),
+                   distractor_boxes=tuple(marks))
 
 
 def _mirrored(masses: list[Mass], columns: int) -> list[Mass]:
@@ -925,7 +927,12 @@ def _set_voi(ds: Dataset, look: Look | None, max_value: int) -> None:
         # 65536 entries are written as 0 (C.11.1.1.1: the LUT Descriptor's first value).
         item.LUTDescriptor = [entries if entries < 65536 else 0, 0, 12]
         item.LUTExplanation = "PHANTOM S CURVE"
-        item.add_new(0x00283006, "US", table.tolist())  # LUT Data
+        # LUT Data (0028,3006) is US or OW; over 32767 entries a US value no longer fits an
+        # explicit VR's 16-bit length (PS3.5 7.1.2), so large tables go as OW, as vendors send them.
+        if entries > 32767:
+            item.add_new(0x00283006, "OW", table.astype("<u2").tobytes())
+        else:
+            item.add_new(0x00283006, "US", table.tolist())
         ds.VOILUTSequence = Sequence([item])
 
 

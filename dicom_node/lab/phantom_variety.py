@@ -236,13 +236,14 @@ def _place(rng, image: np.ndarray, patch: np.ndarray, value: float, keep_clear, 
 
 def draw_distractors(rng: np.random.Generator, image: np.ndarray, *, variety: Variety, spacing: float,
                      laterality: str, view: str, breast: np.ndarray,
-                     masses: list[tuple[float, float, float, float]]) -> list[str]:
+                     masses: list[tuple[float, float, float, float]]) -> list[tuple[str, tuple[int, int, int, int]]]:
     """Burn hard negatives into ``image`` (display brightness, [0, 1], final orientation), in place.
 
     None of them overlaps a mass box (with a 3 mm margin), so the labels stay true.
-    ``breast`` is the coarse breast mask in the same orientation. Returns the kinds drawn.
+    ``breast`` is the coarse breast mask in the same orientation. Returns ``(kind, box)`` of
+    each mark drawn (box ``x0, y0, x1, y1`` in pixels).
     """
-    drawn: list[str] = []
+    drawn: list[tuple[str, tuple[int, int, int, int]]] = []
     margin = 3 / spacing
     air = ~breast
     rows, columns = image.shape
@@ -254,7 +255,7 @@ def draw_distractors(rng: np.random.Generator, image: np.ndarray, *, variety: Va
                      margin, air=air)
         if box:
             keep_clear.append(box)
-            drawn.append("view_letters")
+            drawn.append(("view_letters", box))
     if rng.uniform() < variety.distractors:
         for _ in range(int(rng.integers(1, 4))):
             text = _OTHER_TEXT[int(rng.integers(len(_OTHER_TEXT)))]
@@ -263,8 +264,7 @@ def draw_distractors(rng: np.random.Generator, image: np.ndarray, *, variety: Va
                          margin, air=air if rng.uniform() < 0.8 else None)
             if box:
                 keep_clear.append(box)
-                if "text" not in drawn:
-                    drawn.append("text")
+                drawn.append(("text", box))
     if rng.uniform() < variety.distractors * 0.5:
         length = int(rng.uniform(60, 150) / spacing)
         tick = 10 / spacing
@@ -279,7 +279,7 @@ def draw_distractors(rng: np.random.Generator, image: np.ndarray, *, variety: Va
         box = _place(rng, image, patch, bright, keep_clear, margin, air=air)
         if box:
             keep_clear.append(box)
-            drawn.append("ruler")
+            drawn.append(("ruler", box))
     if rng.uniform() < variety.distractors:
         for _ in range(int(rng.integers(1, 4))):
             radius = rng.uniform(1.0, 2.5) / spacing  # a skin or nipple marker: a metal bead, saturated
@@ -291,8 +291,7 @@ def draw_distractors(rng: np.random.Generator, image: np.ndarray, *, variety: Va
             box = _place(rng, image, disc, 1.0, keep_clear, margin, air=None)
             if box:
                 keep_clear.append(box)
-                if "markers" not in drawn:
-                    drawn.append("markers")
+                drawn.append(("markers", box))
     if rng.uniform() < variety.distractors * 0.5:
         # The compression paddle's edge: a straight line across the image, with a slight step.
         y = int(rng.uniform(0.02, 0.12) * rows) if rng.uniform() < 0.5 else int(rng.uniform(0.88, 0.98) * rows)
@@ -304,7 +303,7 @@ def draw_distractors(rng: np.random.Generator, image: np.ndarray, *, variety: Va
             else:
                 image[y:] += step
             image[max(y - 1, 0):y + 2] += float(rng.uniform(0.05, 0.15)) * (1 if rng.uniform() < 0.5 else -1)
-            drawn.append("paddle")
+            drawn.append(("paddle", line))
     return drawn
 
 

@@ -18,7 +18,7 @@ from dicom_node.lab.train.loop import (
     lr_factor,
     train,
 )
-from dicom_node.model.checkpoints import load_checkpoint
+from dicom_node.model.checkpoints import load_checkpoint, model_from_checkpoint
 from dicom_node.pixels import resize_longest_side
 
 
@@ -111,3 +111,30 @@ def test_learning_rate_warms_up_then_steps(tmp_path):
     assert lr_factor(59, cfg) == pytest.approx(1.0)
     assert lr_factor(60, cfg) == pytest.approx(0.1)
     assert lr_factor(85, cfg) == pytest.approx(0.01)
+
+
+def test_training_on_phantoms_rendered_in_memory_exports_what_the_config_asks(tmp_path):
+    """[data] train_phantoms / val_phantoms: no files written; the model keeps its anchors."""
+    cfg = tiny_config(tmp_path / "unused.json", tmp_path / "run", **{
+        "data": {"train_phantoms": {"n": 3, "seed": 5, "variety": "training"},
+                 "val_phantoms": {"n": 2, "seed": 6, "variety": "texture_reticular"}, "phantom_workers": 1},
+        "model.smallest_anchor": 16,
+        "optimizer.iterations": 2, "optimizer.lr_steps": [1], "optimizer.warmup_iters": 1,
+    })
+    exported = train(cfg, progress=False)
+    checkpoint = load_checkpoint(exported)
+    assert checkpoint["model_options"]["smallest_anchor"] == 16
+    assert checkpoint["trained"]["train_data"] == {"n": 3, "seed": 5, "variety": "training"}
+    assert checkpoint["trained"]["validation"]["images"] == 2
+    model, _ = model_from_checkpoint(exported)
+    assert model.anchor_generator.sizes[0] == (16, 20, 25)
+    assert not list(tmp_path.glob("**/*.dcm"))
+
+
+def test_data_needs_exactly_one_training_source(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of train_json and train_phantoms"):
+        tiny_config(tmp_path / "a.json", tmp_path, **{
+            "data.train_phantoms": {"n": 3, "seed": 5}})
+    with pytest.raises(ConfigError, match="unknown phantom variety 'marble'"):
+        tiny_config(tmp_path / "a.json", tmp_path, **{
+            "data": {"train_phantoms": {"n": 3, "seed": 5, "variety": "marble"}}})
