@@ -19,8 +19,9 @@
    ``<output_dir>/heldout_summary.json``; ``--compare FILE`` evaluates another checkpoint
    (the previous demo weights, say) on the same sets for a before/after table;
 4. with ``--install`` (what the script passes), copies the exported file over the packaged
-   ``dicom_node/weights/demo_retinanet_r18_fpn.pt``. Training itself never writes into
-   the package (dicom_node.lab.train.config refuses such outputs).
+   ``dicom_node/weights/demo_retinanet_r18_fpn.pt``, but only if it meets the held-out
+   targets (:data:`TARGET_AP50`). Training itself never writes into the package
+   (dicom_node.lab.train.config refuses such outputs).
 
 ``--fit-seconds S`` (for a lent GPU with a fixed time budget) renders the data, times a
 few iterations, and sets the schedule (iterations, LR step) so that the run ends within
@@ -63,6 +64,8 @@ HELDOUT_SETS = {
     "size_3328x2560": HeldOutSet("size_3328x2560", n=170, seed=3104),
 }
 MIN_HELDOUT_MASSES = 200
+# What the package ships only when met (issue #9): AP50 on each held-out set.
+TARGET_AP50 = {"in_distribution": 0.9, "texture_reticular": 0.85, "contrast_band": 0.85, "size_3328x2560": 0.85}
 FROC_REPORTED = (0.5, 1.0, 2.0)  # false positives per image
 
 
@@ -201,7 +204,8 @@ def build(config_path: Path, *, train_only: bool = False, evaluate_only: bool = 
     weights = cfg.export_path
     if train_only:
         if install:
-            install_demo_weights(weights)
+            raise ConfigError("--install needs the held-out evaluation (drop --train-only): "
+                              "the package ships only weights that meet the held-out targets")
         return {}
     data_root = cfg.output_dir.parent / "heldout"
     figures: dict = {"weights": str(weights), "file_bytes": weights.stat().st_size, "sets": {}}
@@ -218,6 +222,11 @@ def build(config_path: Path, *, train_only: bool = False, evaluate_only: bool = 
     (cfg.output_dir / "heldout_summary.json").write_text(json.dumps(figures, indent=2, default=str) + "\n",
                                                         encoding="utf-8")
     if install:
+        short = {name: entry["demo"]["ap50"] for name, entry in figures["sets"].items()
+                 if (entry["demo"]["ap50"] or 0) < TARGET_AP50[name]}
+        if short:
+            raise NodeError(f"{weights}: not installed; held-out AP50 below target: " + ", ".join(
+                f"{name} {ap50:.3f} < {TARGET_AP50[name]}" for name, ap50 in short.items()))
         figures["installed"] = str(install_demo_weights(weights))
     return figures
 

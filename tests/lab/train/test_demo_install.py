@@ -36,3 +36,29 @@ def test_anything_else_is_refused_and_the_target_is_left_alone(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the checkpoint"):
         install_demo_weights(tmp_path / "junk.pt", target)
     assert target.read_bytes() == b"old"
+
+
+def test_the_builder_installs_only_weights_that_meet_the_held_out_targets(monkeypatch, tmp_path):
+    """Figures below target: nothing is installed, and the error names each short set."""
+    from dicom_node.errors import NodeError
+    from dicom_node.lab.train import demo
+
+    exported = tmp_path / "run" / "demo_retinanet_r18_fpn.pt"
+    exported.parent.mkdir()
+    exported.write_bytes(b"not installed")
+    config = tmp_path / "demo.toml"
+    config.write_text(f'output_dir = "{exported.parent}"\nexport = "{exported}"\n'
+                      '[model]\narchitecture = "retinanet_r18_fpn"\ninput_size = 128\n'
+                      '[data]\ntrain_phantoms = { n = 1, seed = 1 }\n')
+    monkeypatch.setattr(demo, "ensure_heldout", lambda folder, spec, workers=1: folder / "annotations.json")
+    scores = {"in_distribution": 0.95, "texture_reticular": 0.5, "contrast_band": 0.9, "size_3328x2560": 0.2}
+    monkeypatch.setattr(demo, "evaluate_heldout", lambda weights, annotations, out, device="cpu":
+                        {"ap50": scores[annotations.parent.name], "sensitivity_at_fp_per_image": {}})
+    installed = []
+    monkeypatch.setattr(demo, "install_demo_weights", lambda source: installed.append(source))
+    with pytest.raises(NodeError, match=r"texture_reticular 0\.500 < 0\.85, size_3328x2560 0\.200 < 0\.85"):
+        demo.build(config, evaluate_only=True, install=True)
+    assert installed == []
+    scores.update(texture_reticular=0.86, size_3328x2560=0.9)
+    demo.build(config, evaluate_only=True, install=True)
+    assert installed == [exported]
