@@ -101,15 +101,10 @@ def rotate(image: torch.Tensor, boxes: torch.Tensor, angle_degrees: float
     return rotated.reshape(image.shape), rotate_boxes(boxes, angle_degrees, height=height, width=width)
 
 
-def crop(image: torch.Tensor, boxes: torch.Tensor, size: int, *, focus: float,
-         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``size`` x ``size`` window (smaller where the image is), boxes clipped to it.
-
-    With probability ``focus`` (and when there are boxes) the window holds a random box,
-    placed at a random position inside the window where it fits.
-    """
-    height, width = image.shape[-2:]
-    crop_h, crop_w = min(size, height), min(size, width)
+def _window_origin(boxes: torch.Tensor, *, height: int, width: int, crop_h: int, crop_w: int, focus: float,
+                   generator: torch.Generator) -> tuple[int, int]:
+    """(left, top) of a ``crop_h`` x ``crop_w`` window; with probability ``focus`` (and boxes)
+    it holds a random box, placed at a random position inside the window where it fits."""
     draw_focus = float(torch.rand((), generator=generator)) < focus
     if draw_focus and len(boxes):
         x0, y0, x1, y1 = boxes[int(torch.randint(len(boxes), (), generator=generator))].tolist()
@@ -127,19 +122,50 @@ def crop(image: torch.Tensor, boxes: torch.Tensor, size: int, *, focus: float,
         top = _uniform(generator, 0, height - crop_h)
     left = int(min(max(round(left), 0), width - crop_w))
     top = int(min(max(round(top), 0), height - crop_h))
-    window = image[..., top:top + crop_h, left:left + crop_w]
+    return left, top
+
+
+def _area(b: torch.Tensor) -> torch.Tensor:
+    return (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+
+
+def _clip_to(boxes: torch.Tensor, left: int, top: int, width: int, height: int) -> torch.Tensor:
+    """Boxes moved into the window at (left, top), clipped to it; those left with less than
+    half their area (or none) are dropped."""
     if boxes.numel() == 0:
-        return window, boxes.reshape(0, 4)
+        return boxes.reshape(0, 4)
     shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
     clipped = shifted.clone()
-    clipped[:, [0, 2]] = clipped[:, [0, 2]].clamp(0, crop_w)
-    clipped[:, [1, 3]] = clipped[:, [1, 3]].clamp(0, crop_h)
+    clipped[:, [0, 2]] = clipped[:, [0, 2]].clamp(0, width)
+    clipped[:, [1, 3]] = clipped[:, [1, 3]].clamp(0, height)
+    keep = (_area(clipped) >= 0.5 * _area(shifted)) & (_area(clipped) > 0)
+    return clipped[keep]
 
-    def area(b: torch.Tensor) -> torch.Tensor:
-        return (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
 
-    keep = (area(clipped) >= 0.5 * area(shifted)) & (area(clipped) > 0)
-    return window, clipped[keep]
+def crop(image: torch.Tensor, boxes: torch.Tensor, size: int, *, focus: float,
+         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``size`` x ``size`` window (smaller where the image is), boxes clipped to it.
+
+    With probability ``focus`` (and when there are boxes) the window holds a random box,
+    placed at a random position inside the window where it fits.
+    """
+    height, width = image.shape[-2:]
+    crop_h, crop_w = min(size, height), min(size, width)
+    left, top = _window_origin(boxes, height=height, width=width, crop_h=crop_h, crop_w=crop_w,
+                               focus=focus, generator=generator)
+    window = image[..., top:top + crop_h, left:left + crop_w]
+    return window, _clip_to(boxes, left, top, crop_w, crop_h)
+
+
+def _padded_window(image: torch.Tensor, left: int, top: int, width: int, height: int) -> torch.Tensor:
+    """image[top:top+height, left:left+width], with zeros (air) where it leaves the image."""
+    rows, columns = image.shape[-2:]
+    out = image.new_zeros((*image.shape[:-2], height, width))
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + height, rows), min(left + width, columns)
+    if y1 > y0 and x1 > x0:
+        out[..., y0 - top:y1 - top, x0 - left:x1 - left] = image[..., y0:y1, x0:x1]
+    return out
 
 
 def augment(image: torch.Tensor, boxes: torch.Tensor, options: AugmentConfig, *,
@@ -148,7 +174,15 @@ def augment(image: torch.Tensor, boxes: torch.Tensor, options: AugmentConfig, *,
 
     Order: photometric jitter, flip, rotation, then the optional crop. Boxes that a
     rotation pushes out of the image, or that a crop cuts to less than half, are dropped.
+
+    With a crop, the crop is placed first (as :func:`crop` places it) and only a window
+    around it, wide enough for any rotation drawn, is jittered, flipped and rotated about
+    its own centre before the crop is cut from its middle: the same kinds of samples for a
+    fraction of the work (on 1024-pixel images and 512 crops, about a third), which is what
+    bounds training speed on a GPU when augmentation runs in the loader's processes.
     """
+    if options.crop_size:
+        return _augment_cropped(image, boxes, options, generator=generator)
     image = jitter(image, brightness=options.brightness, contrast=options.contrast,
                    gamma=options.gamma, generator=generator)
     if options.horizontal_flip and float(torch.rand((), generator=generator)) < options.horizontal_flip:
@@ -158,6 +192,26 @@ def augment(image: torch.Tensor, boxes: torch.Tensor, options: AugmentConfig, *,
         image, boxes = rotate(image, boxes, angle)
         keep = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
         boxes = boxes[keep]
-    if options.crop_size:
-        image, boxes = crop(image, boxes, options.crop_size, focus=options.crop_focus, generator=generator)
     return image, boxes
+
+
+def _augment_cropped(image: torch.Tensor, boxes: torch.Tensor, options: AugmentConfig, *,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    height, width = image.shape[-2:]
+    crop_h, crop_w = min(options.crop_size, height), min(options.crop_size, width)
+    left, top = _window_origin(boxes, height=height, width=width, crop_h=crop_h, crop_w=crop_w,
+                               focus=options.crop_focus, generator=generator)
+    # A margin that keeps the crop's corners inside the window at the largest rotation.
+    angle = math.radians(options.rotation_degrees)
+    margin = math.ceil(max(crop_h, crop_w) * (math.cos(angle) + math.sin(angle) - 1) / 2) + 2
+    window = _padded_window(image, left - margin, top - margin, crop_w + 2 * margin, crop_h + 2 * margin)
+    boxes = _clip_to(boxes, left - margin, top - margin, crop_w + 2 * margin, crop_h + 2 * margin)
+    window = jitter(window, brightness=options.brightness, contrast=options.contrast,
+                    gamma=options.gamma, generator=generator)
+    if options.horizontal_flip and float(torch.rand((), generator=generator)) < options.horizontal_flip:
+        window, boxes = hflip(window, boxes)
+    if options.rotation_degrees:
+        window, boxes = rotate(window, boxes, _uniform(generator, -options.rotation_degrees,
+                                                       options.rotation_degrees))
+    cut = window[..., margin:margin + crop_h, margin:margin + crop_w]
+    return cut, _clip_to(boxes, margin, margin, crop_w, crop_h)

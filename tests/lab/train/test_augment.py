@@ -95,3 +95,32 @@ def test_augment_drops_boxes_rotated_out_of_the_image():
         kept.append(len(out))
     # The central box always survives; the corner box is lost at some angles.
     assert min(kept) >= 1 and min(kept) < 2
+
+
+def test_a_focused_crop_keeps_its_mass_and_moves_the_box_with_the_pixels():
+    """Crops are cut from a rotated window around them: the box still frames the bright square."""
+    from dicom_node.lab.train.config import AugmentConfig
+
+    image = torch.zeros(400, 300)
+    image[200:240, 100:140] = 1.0
+    boxes = torch.tensor([[100.0, 200.0, 140.0, 240.0]])
+    options = AugmentConfig(brightness=0, contrast=0, gamma=0, rotation_degrees=10, horizontal_flip=0.5,
+                            crop_size=128, crop_focus=1.0)
+    for seed in range(20):
+        out, kept = augment(image, boxes, options, generator=torch.Generator().manual_seed(seed))
+        assert out.shape == (128, 128)
+        assert len(kept) == 1
+        x0, y0, x1, y1 = kept[0].round().int().tolist()
+        inside = out[y0:y1, x0:x1]
+        assert inside.sum() >= 0.9 * out.sum()  # the rotated square lies within its box
+        assert out.sum() > 0.5 * 40 * 40 * 0.9
+
+
+def test_a_crop_larger_than_the_image_keeps_the_whole_image():
+    from dicom_node.lab.train.config import AugmentConfig
+
+    image = torch.rand(60, 50)
+    options = AugmentConfig(brightness=0, contrast=0, gamma=0, rotation_degrees=0, horizontal_flip=0,
+                            crop_size=128, crop_focus=0.5)
+    out, _ = augment(image, torch.zeros(0, 4), options, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, image)
