@@ -68,6 +68,7 @@ from dicom_node.lab.phantom_variety import (
     draw_distractors,
     draw_look,
     draw_mass,
+    draw_spicules,
     unsharp,
 )
 
@@ -487,13 +488,8 @@ def _draw_mass_shape(rng: np.random.Generator, *, spacing: float, size_mm: tuple
     )
     spicules: tuple[tuple[float, float, float], ...] = ()
     if margin == "spiculated":
-        count = int(rng.integers(10, 22))
-        base = rng.uniform(0, 2 * math.pi)
-        spicules = tuple(
-            (base + 2 * math.pi * i / count + rng.normal(0, 0.12), float(rng.uniform(1.5, 2.6)),
-             float(max(0.3, diameter_mm * rng.uniform(0.02, 0.045))))
-            for i in range(count)
-        )
+        spicules = draw_spicules(rng, counts=(10, 22), jitter=0.12, lengths=(1.5, 2.6), thinnest_mm=0.3,
+                                 diameter_mm=diameter_mm)
     return _MassShape(
         cx=cx, cy=cy, radius_px=diameter_mm / 2 / spacing, aspect=rng.uniform(1.0, 1.45),
         angle=rng.uniform(0, math.pi), lobes=lobes, margin=margin,

@@ -141,6 +141,19 @@ class MassDraw:
     spicules: tuple[tuple[float, float, float], ...]
 
 
+def draw_spicules(rng: np.random.Generator, *, counts: tuple[int, int], jitter: float,
+                  lengths: tuple[float, float], thinnest_mm: float,
+                  diameter_mm: float) -> tuple[tuple[float, float, float], ...]:
+    """Spicules spread around the mass: (angle, length as a multiple of the radius, width mm)."""
+    count = int(rng.integers(*counts))
+    base = rng.uniform(0, 2 * math.pi)
+    return tuple(
+        (base + 2 * math.pi * i / count + rng.normal(0, jitter), float(rng.uniform(*lengths)),
+         float(max(thinnest_mm, diameter_mm * rng.uniform(0.02, 0.045))))
+        for i in range(count)
+    )
+
+
 def draw_mass(rng: np.random.Generator, variety: Variety) -> MassDraw:
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     margin = MARGINS[int(rng.choice(3, p=(0.4, 0.3, 0.3)))]
@@ -153,13 +166,8 @@ def draw_mass(rng: np.random.Generator, variety: Variety) -> MassDraw:
                   for k in harmonics)
     spicules: tuple[tuple[float, float, float], ...] = ()
     if margin == "spiculated":
-        count = int(rng.integers(8, 24))
-        base = rng.uniform(0, 2 * math.pi)
-        spicules = tuple(
-            (base + 2 * math.pi * i / count + rng.normal(0, 0.15), float(rng.uniform(1.4, 2.6)),
-             float(max(0.25, min(diameter, 30) * rng.uniform(0.02, 0.045))))
-            for i in range(count)
-        )
+        spicules = draw_spicules(rng, counts=(8, 24), jitter=0.15, lengths=(1.4, 2.6), thinnest_mm=0.25,
+                                 diameter_mm=min(diameter, 30))
     return MassDraw(shape=shape, margin=margin, diameter_mm=diameter,
                     contrast=_from_bands(rng, variety.mass_contrast), aspect=float(rng.uniform(*aspect)),
                     lobes=lobes, spicules=spicules)
