@@ -168,3 +168,20 @@ def test_the_cli_offers_every_named_variety_and_writes_one(tmp_path):
     assert done.returncode == 0, done.stderr
     image = json.loads((tmp_path / "annotations.json").read_text())["images"][0]
     assert image["texture"] == "reticular"
+
+
+def test_hard_negatives_are_never_drawn_over_a_mass_even_where_masses_fill_the_image():
+    """A mass box over most of the image: every mark must still land outside it (3 mm margin)."""
+    from dicom_node.lab.phantom_variety import draw_distractors
+
+    spacing = 0.5  # mm per pixel: the 3 mm margin is 6 pixels
+    mass = (60.0, 60.0, 340.0, 340.0)
+    drawn = 0
+    for seed in range(40):
+        image = np.zeros((400, 400), dtype=np.float32)
+        marks = draw_distractors(np.random.default_rng(seed), image,
+                                 variety=dataclasses.replace(TRAINING, distractors=1.0), spacing=spacing,
+                                 laterality="L", view="CC", breast=np.ones((40, 40), dtype=bool), masses=[mass])
+        drawn += len(marks)
+        assert not image[60 - 5:340 + 5, 60 - 5:340 + 5].any(), (seed, marks)
+    assert drawn > 40
