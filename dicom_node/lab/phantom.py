@@ -1073,6 +1073,14 @@ def _prepare_one(index: int, *, options: dict, input_size: int, half: bool):
     return (prepared, boxes, index + 1), (_image_entry(phantom, index), list(phantom.masses))
 
 
+def _one_thread_each() -> None:
+    # One process per CPU already: torch's resize would otherwise start a thread per CPU in
+    # each of them (16 x 16 threads on a 16-core machine).
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def prepared_phantoms(*, n: int, seed: int, variety: Variety | None, input_size: int, workers: int = 1,
                       half: bool = False, progress: Callable[[int, int], None] | None = None):
     """``n`` phantoms rendered in memory and prepared by the node's pixel pipeline, never written.
@@ -1091,7 +1099,8 @@ def prepared_phantoms(*, n: int, seed: int, variety: Variety | None, input_size:
     else:
         # Spawned, not forked: the caller (training) has torch's thread pools running, and a
         # forked child that resizes with torch can wait forever on a lock copied held.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_one_thread_each) as pool:
             results = _collect(pool.map(work, range(n), chunksize=4), n, progress)
     info = {"description": f"dicom-node synthetic mammogram phantoms - {SYNTHETIC_NOTICE}", "seed": seed,
             **({"variety": variety.describe()} if variety is not None else {})}
