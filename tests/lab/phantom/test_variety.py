@@ -185,3 +185,13 @@ def test_hard_negatives_are_never_drawn_over_a_mass_even_where_masses_fill_the_i
         drawn += len(marks)
         assert not image[60 - 5:340 + 5, 60 - 5:340 + 5].any(), (seed, marks)
     assert drawn > 40
+
+
+def test_in_memory_phantoms_are_the_same_from_several_processes():
+    one, coco_one = prepared_phantoms(n=3, seed=22, variety=SMALL, input_size=128)
+    two, coco_two = prepared_phantoms(n=3, seed=22, variety=SMALL, input_size=128, workers=2, half=True)
+    assert coco_one == coco_two
+    for (a, boxes_a, id_a), (b, boxes_b, id_b) in zip(one, two):
+        assert id_a == id_b and b.pixels.dtype == np.float16
+        np.testing.assert_array_equal(a.pixels.astype(np.float16), b.pixels)
+        np.testing.assert_array_equal(boxes_a, boxes_b)
