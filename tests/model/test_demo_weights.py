@@ -5,7 +5,7 @@ The full held-out figures (hundreds of masses per set) are in dicom_node/weights
 made by ``scripts/train_demo_weights``; this is the check that every test run repeats on a
 few fresh images through the node's own detector path.
 
-Both checks FAIL on the packaged weights today (issue #9, point 2, open): they find 0-2 of
+Both checks FAIL on the packaged weights today (issue #9, point 2, open): they find 8 of
 17 masses here and put a 0.99 box on a burned-in view letter, as they did on CBIS-DDSM
 films. They are strict xfails, so the day new weights pass, the run says so and the
 markers must go.
