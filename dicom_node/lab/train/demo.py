@@ -96,10 +96,9 @@ def evaluate_heldout(weights: Path, annotations: Path, out_dir: Path, *, device:
     """Figures of the checkpoint ``weights`` on one held-out set, through the node's detector."""
     from dicom_node.config import DetectorConfig
     from dicom_node.lab.evaluate.run import run_evaluation
-    from dicom_node.model.checkpoints import load_checkpoint
 
-    architecture = load_checkpoint(weights)["architecture"]
-    detector = DetectorConfig(architecture=architecture, weights=str(weights), score_threshold=threshold)
+    # No architecture: the checkpoint names its own (read once, by the detector).
+    detector = DetectorConfig(weights=str(weights), score_threshold=threshold)
     summary = run_evaluation(detector, annotations, out_dir, device=device)["summary"]
     froc = dict(zip(summary["froc"]["fp_rates"], summary["froc"]["sensitivities"]))
     return {
