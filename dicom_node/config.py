@@ -62,6 +62,16 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
+
+def _check_device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+# Where a model runs: the node's workers and training take the same values.
+Device = Annotated[str, AfterValidator(_check_device)]
+
 _DURATION = re.compile(r"(\d{1,9}(?:\.\d{1,6})?)([smhd])")
 _DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 MAX_DURATION = timedelta(days=36500)
@@ -179,17 +189,10 @@ class StudyConfig(_Section):
 
 class WorkersConfig(_Section):
     count: Annotated[int, Field(ge=1, le=64)] = 1
-    device: str = "auto"
+    device: Device = "auto"
     lease_seconds: Annotated[float, Field(gt=0)] = 300.0
     max_attempts: Annotated[int, Field(ge=1)] = 3
     retry_backoff_seconds: Annotated[float, Field(ge=0)] = 30.0
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
-        return value
 
 
 class DetectorConfig(_Section):

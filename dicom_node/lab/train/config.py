@@ -13,14 +13,13 @@ checked against the architecture, so a file cannot silently claim the wrong loss
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import dicom_node
-from dicom_node.config import Architecture, read_toml, validate_model
+from dicom_node.config import Architecture, Device, read_toml, validate_model
 from dicom_node.errors import ConfigError
 
 # The loss each detector family trains with (fixed by the torchvision heads).
@@ -172,17 +171,10 @@ class TrainConfig(_Table):
     eval_every: Annotated[int, Field(ge=0)] = 2000  # 0: validate only at the end
     # Score threshold for the precision/recall/F1 part of validation (AP50 uses all scores).
     eval_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
-    device: str = "auto"
+    device: Device = "auto"
     amp: bool = True  # CUDA only: ignored on CPU
     num_workers: Annotated[int, Field(ge=0)] = 0
     threads: Annotated[int, Field(ge=1)] | None = None  # torch.set_num_threads on CPU
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
-        return value
 
     @property
     def loss(self) -> str:
