@@ -69,6 +69,7 @@ from dicom_node.lab.phantom_variety import (
     draw_look,
     draw_mass,
     draw_spicules,
+    overlaps,
     unsharp,
 )
 
@@ -551,8 +552,7 @@ def _place_masses(rng: np.random.Generator, breast: _Breast, fields: _Fields, *,
             if (np.any(breast.skin_distance_mm(breast.radius(bx, by)) < 2.0)
                     or np.any(breast.pectoral_level(bx, by) < 1.15)):
                 continue
-            if any(box[0] < b[2] + gap and b[0] < box[2] + gap and box[1] < b[3] + gap
-                   and b[1] < box[3] + gap for _, b, _ in placed):
+            if overlaps(box, [b for _, b, _ in placed], gap):
                 continue
             placed.append((shape, box, float(np.count_nonzero(body))))
             break
@@ -701,8 +701,6 @@ def generate_phantom(
         masses_per_image = variety.masses_per_image
     study = _draw_study(seed, index // 4, size=f"{rows}x{columns}", bits_stored=bits_stored,
                         density=density)
-    if look is not None:
-        study = dataclasses.replace(study, bits_stored=look.bits_stored)
     default_laterality, default_view = STUDY_VIEWS[index % 4]
     laterality = laterality or default_laterality
     view = view or default_view
@@ -917,7 +915,7 @@ def _set_voi(ds: Dataset, look: Look | None, max_value: int) -> None:
         entries = max_value + 1
         stored = np.arange(entries, dtype=np.float64)
         shown = max_value - stored if inverted else stored
-        curve = _sigmoid_curve((shown / max_value - center) / (width / 4))
+        curve = _sigmoid((shown / max_value - center) / (width / 4))
         table = np.rint(4095 * (1 - curve if inverted else curve)).astype(np.uint16)
         item = Dataset()
         # 65536 entries are written as 0 (C.11.1.1.1: the LUT Descriptor's first value).
@@ -930,10 +928,6 @@ def _set_voi(ds: Dataset, look: Look | None, max_value: int) -> None:
         else:
             item.add_new(0x00283006, "US", table.tolist())
         ds.VOILUTSequence = Sequence([item])
-
-
-def _sigmoid_curve(x: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-x))
 
 
 # --------------------------------------------------------------------------- writing
@@ -1026,15 +1020,14 @@ def write_phantoms(
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = pool.map(partial(_write_one, out, options=options), indices, chunksize=4)
             images_and_masses = _collect(results, n, progress)
-    info = {
-        "description": f"dicom-node synthetic mammogram phantoms - {SYNTHETIC_NOTICE}",
-        "seed": seed,
-        "rows": rows,
-        "columns": columns,
-        **({"variety": variety.describe()} if variety is not None else {}),
-    }
-    coco = _coco(images_and_masses, info)
+    coco = _coco(images_and_masses, _info(seed, variety, rows=rows, columns=columns))
     return write_atomically(out / ANNOTATIONS_NAME, json.dumps(coco, indent=1), fsync=False, mode=SHARED)
+
+
+def _info(seed: int, variety: Variety | None, **size) -> dict:
+    """The COCO "info" of a phantom set (``size``: the rows and columns of a classic set)."""
+    return {"description": f"dicom-node synthetic mammogram phantoms - {SYNTHETIC_NOTICE}", "seed": seed,
+            **size, **({"variety": variety.describe()} if variety is not None else {})}
 
 
 def _coco(images_and_masses: list[tuple[dict, list[Mass]]], info: dict) -> dict:
@@ -1064,10 +1057,7 @@ def _prepare_one(index: int, *, options: dict, input_size: int, half: bool):
 
     phantom = generate_phantom(index=index, **options)
     prepared = prepare(phantom.dataset, input_size=input_size)
-    rows, columns = prepared.original_shape
-    factor_x = prepared.pixels.shape[1] / columns
-    factor_y = prepared.pixels.shape[0] / rows
-    boxes = phantom.boxes * np.array([factor_x, factor_y, factor_x, factor_y], dtype=np.float32)
+    boxes = prepared.boxes_from_original(phantom.boxes)
     if half:
         prepared = dataclasses.replace(prepared, pixels=prepared.pixels.astype(np.float16))
     return (prepared, boxes, index + 1), (_image_entry(phantom, index), list(phantom.masses))
@@ -1102,6 +1092,4 @@ def prepared_phantoms(*, n: int, seed: int, variety: Variety | None, input_size:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_one_thread_each) as pool:
             results = _collect(pool.map(work, range(n), chunksize=4), n, progress)
-    info = {"description": f"dicom-node synthetic mammogram phantoms - {SYNTHETIC_NOTICE}", "seed": seed,
-            **({"variety": variety.describe()} if variety is not None else {})}
-    return [item for item, _ in results], _coco([entry for _, entry in results], info)
+    return [item for item, _ in results], _coco([entry for _, entry in results], _info(seed, variety))

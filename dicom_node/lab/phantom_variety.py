@@ -202,11 +202,12 @@ _OTHER_TEXT = ("MLO", "CC", "L", "R", "XCCL", "ML", "28 kV", "120 mAs", "C: 12 d
                "0.0 deg", "#%d", "2026-01-%02d", "AEC", "T: 45 mm")
 
 
-def _overlaps(box: tuple[int, int, int, int], keep_clear: list[tuple[float, float, float, float]],
-              margin: float) -> bool:
+def overlaps(box: tuple[float, float, float, float], others: list[tuple[float, float, float, float]],
+             margin: float) -> bool:
+    """Whether ``box`` comes within ``margin`` pixels of any of ``others`` (all x0, y0, x1, y1)."""
     x0, y0, x1, y1 = box
     return any(x0 < b[2] + margin and b[0] < x1 + margin and y0 < b[3] + margin and b[1] < y1 + margin
-               for b in keep_clear)
+               for b in others)
 
 
 def _text_mask(text: str, height_px: int) -> np.ndarray:
@@ -229,7 +230,7 @@ def _place(rng, image: np.ndarray, patch: np.ndarray, value: float, keep_clear, 
     for attempt in range(30):
         y, x = int(rng.integers(0, rows - ph)), int(rng.integers(0, columns - pw))
         box = (x, y, x + pw, y + ph)
-        if _overlaps(box, keep_clear, margin):
+        if overlaps(box, keep_clear, margin):
             continue
         if air is not None and attempt < 20:
             ay = min(int((y + ph / 2) * air.shape[0] / rows), air.shape[0] - 1)
@@ -256,23 +257,23 @@ def draw_distractors(rng: np.random.Generator, image: np.ndarray, *, variety: Va
     air = ~breast
     rows, columns = image.shape
     keep_clear = list(masses)
+
+    def record(kind: str, box: tuple[int, int, int, int] | None) -> None:
+        if box:
+            keep_clear.append(box)
+            drawn.append((kind, box))
+
     bright = float(rng.uniform(0.85, 1.0))
     if rng.uniform() < variety.distractors:
         text = _VIEW_TEXT[(laterality, view)][int(rng.integers(2))]
-        box = _place(rng, image, _text_mask(text, rng.uniform(8, 22) / spacing), bright, keep_clear,
-                     margin, air=air)
-        if box:
-            keep_clear.append(box)
-            drawn.append(("view_letters", box))
+        record("view_letters", _place(rng, image, _text_mask(text, rng.uniform(8, 22) / spacing), bright,
+                                      keep_clear, margin, air=air))
     if rng.uniform() < variety.distractors:
         for _ in range(int(rng.integers(1, 4))):
             text = _OTHER_TEXT[int(rng.integers(len(_OTHER_TEXT)))]
             text = text % int(rng.integers(1, 29)) if "%" in text else text
-            box = _place(rng, image, _text_mask(text, rng.uniform(3, 9) / spacing), bright, keep_clear,
-                         margin, air=air if rng.uniform() < 0.8 else None)
-            if box:
-                keep_clear.append(box)
-                drawn.append(("text", box))
+            record("text", _place(rng, image, _text_mask(text, rng.uniform(3, 9) / spacing), bright,
+                                  keep_clear, margin, air=air if rng.uniform() < 0.8 else None))
     if rng.uniform() < variety.distractors * 0.5:
         length = int(rng.uniform(60, 150) / spacing)
         tick = 10 / spacing
@@ -284,10 +285,7 @@ def draw_distractors(rng: np.random.Generator, image: np.ndarray, *, variety: Va
             patch[:int((6 if i % 2 == 0 else 3) / spacing), x:x + thick] = 1
         if rng.uniform() < 0.5:
             patch = np.ascontiguousarray(patch.T)
-        box = _place(rng, image, patch, bright, keep_clear, margin, air=air)
-        if box:
-            keep_clear.append(box)
-            drawn.append(("ruler", box))
+        record("ruler", _place(rng, image, patch, bright, keep_clear, margin, air=air))
     if rng.uniform() < variety.distractors:
         for _ in range(int(rng.integers(1, 4))):
             radius = rng.uniform(1.0, 2.5) / spacing  # a skin or nipple marker: a metal bead, saturated
@@ -296,15 +294,12 @@ def draw_distractors(rng: np.random.Generator, image: np.ndarray, *, variety: Va
             disc = np.clip(radius - np.hypot(yy, xx) + 0.5, 0, 1)
             if rng.uniform() < 0.3:  # a ring marker (scar, mole)
                 disc = disc * np.clip(np.hypot(yy, xx) - radius * 0.6 + 0.5, 0, 1)
-            box = _place(rng, image, disc, 1.0, keep_clear, margin, air=None)
-            if box:
-                keep_clear.append(box)
-                drawn.append(("markers", box))
+            record("markers", _place(rng, image, disc, 1.0, keep_clear, margin, air=None))
     if rng.uniform() < variety.distractors * 0.5:
         # The compression paddle's edge: a straight line across the image, with a slight step.
         y = int(rng.uniform(0.02, 0.12) * rows) if rng.uniform() < 0.5 else int(rng.uniform(0.88, 0.98) * rows)
         line = (0, y - 2, columns, y + 3)
-        if not _overlaps(line, keep_clear, margin):
+        if not overlaps(line, keep_clear, margin):
             step = float(rng.uniform(-0.04, 0.04))
             if y < rows / 2:
                 image[:y] += step

@@ -40,6 +40,13 @@ class PreparedImage:
         np.clip(mapped[:, 1::2], 0, rows, out=mapped[:, 1::2])
         return mapped
 
+    def boxes_from_original(self, boxes: np.ndarray) -> np.ndarray:
+        """Map Nx4 boxes from original to resized pixels (float32, unclipped): the inverse
+        of `boxes_to_original`, with the same per-axis factors (labels for training)."""
+        rows, columns = self.original_shape
+        factors = np.array([self.pixels.shape[1] / columns, self.pixels.shape[0] / rows] * 2, dtype=np.float32)
+        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * factors
+
 
 def resize_longest_side(image: np.ndarray, size: int) -> PreparedImage:
     """Scale `image` (HxW float) so that its longest side is `size`, keeping the aspect ratio.

@@ -279,13 +279,7 @@ class CocoDataset:
             raise IndexError(f"index {index} out of range for {len(self)} images")
         image = self.images[index]
         prepared = self.prepared(index)
-        boxes = self.original_boxes(index)
-        # The same per-axis factors as PreparedImage.boxes_to_original, inverted.
-        rows, columns = prepared.original_shape
-        factor_x = prepared.pixels.shape[1] / columns
-        factor_y = prepared.pixels.shape[0] / rows
-        boxes = boxes * np.array([factor_x, factor_y, factor_x, factor_y], dtype=np.float32)
-        return prepared, boxes.astype(np.float32), image["id"]
+        return prepared, prepared.boxes_from_original(self.original_boxes(index)), image["id"]
 
     def image_info(self, index: int) -> dict:
         """The COCO image entry of item ``index``."""
