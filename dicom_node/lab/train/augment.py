@@ -183,6 +183,11 @@ def augment(image: torch.Tensor, boxes: torch.Tensor, options: AugmentConfig, *,
     """
     if options.crop_size:
         return _augment_cropped(image, boxes, options, generator=generator)
+    return _jitter_flip_rotate(image, boxes, options, generator=generator)
+
+
+def _jitter_flip_rotate(image: torch.Tensor, boxes: torch.Tensor, options: AugmentConfig, *,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     image = jitter(image, brightness=options.brightness, contrast=options.contrast,
                    gamma=options.gamma, generator=generator)
     if options.horizontal_flip and float(torch.rand((), generator=generator)) < options.horizontal_flip:
@@ -206,12 +211,6 @@ def _augment_cropped(image: torch.Tensor, boxes: torch.Tensor, options: AugmentC
     margin = math.ceil(max(crop_h, crop_w) * (math.cos(angle) + math.sin(angle) - 1) / 2) + 2
     window = _padded_window(image, left - margin, top - margin, crop_w + 2 * margin, crop_h + 2 * margin)
     boxes = _clip_to(boxes, left - margin, top - margin, crop_w + 2 * margin, crop_h + 2 * margin)
-    window = jitter(window, brightness=options.brightness, contrast=options.contrast,
-                    gamma=options.gamma, generator=generator)
-    if options.horizontal_flip and float(torch.rand((), generator=generator)) < options.horizontal_flip:
-        window, boxes = hflip(window, boxes)
-    if options.rotation_degrees:
-        window, boxes = rotate(window, boxes, _uniform(generator, -options.rotation_degrees,
-                                                       options.rotation_degrees))
+    window, boxes = _jitter_flip_rotate(window, boxes, options, generator=generator)
     cut = window[..., margin:margin + crop_h, margin:margin + crop_w]
     return cut, _clip_to(boxes, margin, margin, crop_w, crop_h)
