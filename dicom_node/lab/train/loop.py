@@ -74,9 +74,9 @@ def open_dataset(annotations: Path, *, input_size: int):
 
 def _sample(item, *, half: bool) -> Sample:
     prepared, boxes, _image_id = item
-    pixels = torch.from_numpy(np.ascontiguousarray(prepared.pixels, dtype=np.float32))
+    pixels = torch.from_numpy(np.ascontiguousarray(prepared.pixels))  # float32, or float16 already
     return Sample(
-        pixels=pixels.half() if half else pixels,
+        pixels=pixels.half() if half else pixels.float(),
         boxes=torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)),
     )
 
