@@ -882,7 +882,8 @@ def _build_dataset(pixels: np.ndarray, *, study: _Study, seed: int, index: int, 
     ds.RescaleIntercept = 0
     ds.RescaleSlope = 1
     ds.RescaleType = "US"
-    ds.PresentationLUTShape = "IDENTITY"
+    # DX Image (C.8.11.3): INVERSE goes with MONOCHROME1, IDENTITY with MONOCHROME2.
+    ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
     _set_voi(ds, look, max_value)
     # DX Detector (C.8.11.4): a flat panel; no magnification, so both spacings agree.
     ds.DetectorType = "DIRECT"

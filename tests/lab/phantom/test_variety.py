@@ -195,3 +195,30 @@ def test_in_memory_phantoms_are_the_same_from_several_processes():
         assert id_a == id_b and b.pixels.dtype == np.float16
         np.testing.assert_array_equal(a.pixels.astype(np.float16), b.pixels)
         np.testing.assert_array_equal(boxes_a, boxes_b)
+
+
+# The VOI LUT attributes a DX image For Presentation must carry (PS3.3 C.8.11.3, Type 1C): a
+# varied look of "none" leaves them out on purpose, as some vendors' images do, so that the
+# node and training meet such images; dciodvfy names exactly these and nothing else.
+MISSING_VOI = {
+    "Error - Missing attribute Type 1C Conditional Element=<VOILUTSequence> Module=<DXImage>",
+    "Error - Missing attribute Type 1C Conditional Element=<VOILUTSequence> Module=<VOILUTMacro>",
+    "Error - Missing attribute Type 1C Conditional Element=<WindowCenter> Module=<DXImage>",
+    "Error - Missing attribute Type 1C Conditional Element=<WindowCenter> Module=<VOILUTMacro>",
+}
+
+
+def test_varied_phantoms_pass_dciodvfy(tmp_path):
+    from dciodvfy import assert_dciodvfy_clean, dciodvfy_lines
+
+    annotations = write_phantoms(tmp_path, n=40, seed=31, variety=dataclasses.replace(SMALL, distractors=1.0))
+    images = json.loads(annotations.read_text())["images"]
+    assert {image["voi"] for image in images} == {"LINEAR", "SIGMOID", "LUT", "none"}
+    assert {image["photometric"] for image in images} == {"MONOCHROME1", "MONOCHROME2"}
+    for image in images:
+        path = tmp_path / image["file_name"]
+        if image["voi"] == "none":
+            errors = {line for line in dciodvfy_lines(path) if line.startswith("Error")}
+            assert errors == MISSING_VOI, (image, errors)
+        else:
+            assert_dciodvfy_clean(path)
