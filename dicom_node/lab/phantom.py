@@ -1073,18 +1073,24 @@ def _one_thread_each() -> None:
 
 
 def prepared_phantoms(*, n: int, seed: int, variety: Variety | None, input_size: int, workers: int = 1,
-                      half: bool = False, progress: Callable[[int, int], None] | None = None):
+                      half: bool = False, progress: Callable[[int, int], None] | None = None,
+                      rows: int = DEFAULT_ROWS, columns: int = DEFAULT_COLUMNS):
     """``n`` phantoms rendered in memory and prepared by the node's pixel pipeline, never written.
 
     Returns ``(items, coco)``: items are ``(PreparedImage, boxes in prepared pixels, image id)``
     as a COCO dataset yields them, and ``coco`` is the annotation dictionary
     :func:`write_phantoms` would write for the same arguments (without files). Training
     on many full-size phantoms this way needs no disk (a 4096 x 3328 image is 27 MB).
-    ``half`` keeps the prepared pixels as float16.
+    ``half`` keeps the prepared pixels as float16. ``rows`` and ``columns`` size classic
+    phantoms (a ``variety`` draws its own sizes).
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, not {n}")
-    work = partial(_prepare_one, options={"seed": seed, "variety": variety}, input_size=input_size, half=half)
+    size = {} if variety is not None else {"rows": rows, "columns": columns}
+    if size:
+        _check_options(**size, masses_per_image=(0, 3), mass_size_mm=(8.0, 30.0), bits_stored=None, density=None)
+    work = partial(_prepare_one, options={"seed": seed, "variety": variety, **size}, input_size=input_size,
+                   half=half)
     if workers <= 1:
         results = _collect(map(work, range(n)), n, progress)
     else:
@@ -1093,4 +1099,4 @@ def prepared_phantoms(*, n: int, seed: int, variety: Variety | None, input_size:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_one_thread_each) as pool:
             results = _collect(pool.map(work, range(n), chunksize=4), n, progress)
-    return [item for item, _ in results], _coco([entry for _, entry in results], _info(seed, variety))
+    return [item for item, _ in results], _coco([entry for _, entry in results], _info(seed, variety, **size))

@@ -93,7 +93,7 @@ def rotate(image: torch.Tensor, boxes: torch.Tensor, angle_degrees: float
     # S = diag(W/2, H/2)) that is in_norm = S^-1 R^-1 S out_norm.
     scale = torch.diag(torch.tensor([width / 2, height / 2], dtype=torch.float64))
     theta = torch.linalg.inv(scale) @ _rotation(angle_degrees).T @ scale  # R^-1 = R^T
-    affine = torch.zeros(1, 2, 3, dtype=image.dtype)
+    affine = torch.zeros(1, 2, 3, dtype=image.dtype, device=image.device)
     affine[0, :, :2] = theta.to(image.dtype)
     batch = image.reshape(1, 1, height, width)
     grid = F.affine_grid(affine, [1, 1, height, width], align_corners=False)

@@ -164,7 +164,8 @@ def _time_iterations(cfg, samples, *, device: str) -> float:
 
     from dicom_node.lab.train.loop import train
 
-    iterations = max(40, 8 * cfg.num_workers) // 10 * 10
+    loader_workers = 0 if cfg.data.on_device else cfg.num_workers
+    iterations = max(40, 8 * loader_workers) // 10 * 10
     with tempfile.TemporaryDirectory() as scratch:
         optimizer = cfg.optimizer.model_copy(update={"iterations": iterations + 20, "lr_steps": [],
                                                      "warmup_iters": 0})

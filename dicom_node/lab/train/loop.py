@@ -40,7 +40,7 @@ import torch
 from dicom_node.files import write_atomically
 from dicom_node.errors import ConfigError, NodeError
 from dicom_node.lab.train.augment import augment
-from dicom_node.lab.train.config import TrainConfig
+from dicom_node.lab.train.config import CLASSIC, TrainConfig
 from dicom_node.log import get_logger
 from dicom_node.model.architectures import MASS_LABEL
 from dicom_node.model.checkpoints import TRAIN_STATE_FORMAT as CHECKPOINT_FORMAT  # evaluate reads it too
@@ -110,9 +110,12 @@ def _phantom_items(spec, *, input_size: int, workers: int, half: bool):
     from dicom_node.lab.phantom_variety import VARIETIES
 
     started = time.monotonic()
-    items, coco = prepared_phantoms(n=spec.n, seed=spec.seed, variety=VARIETIES[spec.variety],
-                                    input_size=input_size, workers=workers or os.cpu_count() or 1, half=half)
-    log.info("phantoms_rendered", images=spec.n, seed=spec.seed, variety=spec.variety,
+    classic = spec.variety == CLASSIC
+    size = {"rows": spec.rows, "columns": spec.columns} if classic and spec.rows is not None else {}
+    items, coco = prepared_phantoms(n=spec.n, seed=spec.seed, variety=None if classic else VARIETIES[spec.variety],
+                                    input_size=input_size, workers=workers or os.cpu_count() or 1, half=half,
+                                    **size)
+    log.info("phantoms_rendered", images=spec.n, seed=spec.seed, variety=spec.variety, **size,
              masses=len(coco["annotations"]), seconds=round(time.monotonic() - started, 1))
     return items, coco
 
@@ -122,9 +125,12 @@ def training_samples(cfg: TrainConfig) -> Sequence[Sample]:
     data = cfg.data
     if data.train_phantoms is None:
         return load_samples(data.train_json, input_size=cfg.model.input_size, cache=data.cache_images)
-    items, _coco = _phantom_items(data.train_phantoms, input_size=cfg.model.input_size,
-                                  workers=data.phantom_workers, half=True)
-    return [_sample(item, half=True) for item in items]
+    samples = []
+    for spec in data.train_phantom_sets:
+        items, _coco = _phantom_items(spec, input_size=cfg.model.input_size, workers=data.phantom_workers,
+                                      half=True)
+        samples += [_sample(item, half=True) for item in items]
+    return samples
 
 
 def validation_items(cfg: TrainConfig) -> tuple[list, dict | None]:
@@ -336,10 +342,16 @@ def _batches(dataset: TrainSamples, cfg: TrainConfig, start_iteration: int) -> I
     total = cfg.optimizer.iterations * cfg.optimizer.batch_size
     sampler = range(first, total)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=micro, sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate,
-        persistent_workers=False,
+        dataset, batch_size=micro, sampler=sampler, num_workers=0 if cfg.data.on_device else cfg.num_workers,
+        collate_fn=_collate, persistent_workers=False,
     )
     return iter(loader)
+
+
+def on_device(samples: Sequence[Sample], device: torch.device) -> list[Sample]:
+    """The samples with their pixels in ``device``'s memory (boxes stay on the CPU, where
+    the augmentations move them), for ``data.on_device``."""
+    return [Sample(pixels=s.pixels.to(device), boxes=s.boxes) for s in samples]
 
 
 def _append_metrics(output_dir: Path, record: dict) -> None:
@@ -388,7 +400,7 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True,
         run_log.info("train_resumed", checkpoint=str(resume_from), iteration=iteration)
 
     opt = cfg.optimizer
-    dataset = TrainSamples(samples, cfg)
+    dataset = TrainSamples(on_device(samples, dev) if cfg.data.on_device else samples, cfg)
     # Creating a DataLoader iterator draws from the global torch RNG; keep that draw out
     # of the training's RNG stream so a resumed run matches an uninterrupted one.
     rng_state = torch.get_rng_state()
@@ -463,8 +475,8 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True,
         "loss": cfg.loss,
         "optimizer": opt.model_dump(),
         "augment": cfg.augment.model_dump(),
-        "train_data": (cfg.data.train_phantoms.model_dump() if cfg.data.train_phantoms is not None
-                       else f"{cfg.data.train_json.parent.name}/{cfg.data.train_json.name}"),
+        "train_data": ([spec.model_dump(exclude_none=True) for spec in cfg.data.train_phantom_sets]
+                       or f"{cfg.data.train_json.parent.name}/{cfg.data.train_json.name}"),
         "train_images": len(samples),
         "validation": _scalars(last_metrics),
         "torch": torch.__version__,

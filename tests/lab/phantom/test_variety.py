@@ -145,6 +145,19 @@ def test_in_memory_phantoms_are_what_the_written_files_give(tmp_path):
     np.testing.assert_array_equal(prepare(ds, input_size=256).pixels, items[0][0].pixels)
 
 
+def test_in_memory_classic_phantoms_at_a_chosen_size_are_what_the_written_files_give(tmp_path):
+    items, coco = prepared_phantoms(n=2, seed=23, variety=None, input_size=128, rows=400, columns=320)
+    annotations = write_phantoms(tmp_path, n=2, seed=23, rows=400, columns=320)
+    written = json.loads(annotations.read_text())
+    assert coco["info"] == written["info"] and coco["info"]["rows"] == 400
+    assert [a["bbox"] for a in coco["annotations"]] == [a["bbox"] for a in written["annotations"]]
+    dataset = CocoDataset(annotations, input_size=128)
+    for index, (prepared, _boxes, _image_id) in enumerate(items):
+        np.testing.assert_array_equal(prepared.pixels, dataset[index][0].pixels)
+    with pytest.raises(ValueError, match="at least 64"):
+        prepared_phantoms(n=1, seed=23, variety=None, input_size=128, rows=40, columns=320)
+
+
 def test_written_varied_phantoms_keep_the_look_for_breakdowns(tmp_path):
     annotations = write_phantoms(tmp_path, n=4, seed=8, variety=SMALL)
     coco = json.loads(annotations.read_text())

@@ -124,11 +124,46 @@ def test_training_on_phantoms_rendered_in_memory_exports_what_the_config_asks(tm
     exported = train(cfg, progress=False)
     checkpoint = load_checkpoint(exported)
     assert checkpoint["model_options"]["smallest_anchor"] == 16
-    assert checkpoint["trained"]["train_data"] == {"n": 3, "seed": 5, "variety": "training"}
+    assert checkpoint["trained"]["train_data"] == [{"n": 3, "seed": 5, "variety": "training"}]
     assert checkpoint["trained"]["validation"]["images"] == 2
     model, _ = model_from_checkpoint(exported)
     assert model.anchor_generator.sizes[0] == (16, 20, 25)
     assert not list(tmp_path.glob("**/*.dcm"))
+
+
+def test_several_phantom_sets_train_together_and_on_device_augments_as_the_loader_does(tmp_path):
+    """A list of sets, classic phantoms at a chosen size among them; ``data.on_device``
+    (augmenting in the training process, on the GPU where there is one) trains to exactly
+    the parameters the loader processes give."""
+    from dicom_node.lab.train.loop import training_samples
+
+    sets = [{"n": 2, "seed": 5, "variety": "training"},
+            {"n": 2, "seed": 7, "variety": "classic", "rows": 400, "columns": 320}]
+    common = {"data": {"train_phantoms": sets, "phantom_workers": 1}, "optimizer.iterations": 2,
+              "optimizer.lr_steps": [], "optimizer.warmup_iters": 1, "optimizer.accumulation": 1}
+    cfg = tiny_config(tmp_path / "unused.json", tmp_path / "loader", **common, num_workers=1)
+    samples = training_samples(cfg)
+    assert len(samples) == 4
+    assert [tuple(s.pixels.shape) for s in samples[2:]] == [(128, 102)] * 2  # 400 x 320 resized
+    assert tuple(samples[0].pixels.shape) != (128, 102)  # the variety draws its own sizes
+
+    by_loader = load_checkpoint(train(cfg, progress=False, samples=samples, validation=([], None)))
+    in_process = tiny_config(tmp_path / "unused.json", tmp_path / "in_process", **common, num_workers=1,
+                             **{"data.on_device": True})
+    by_device = load_checkpoint(train(in_process, progress=False, samples=samples, validation=([], None)))
+    assert by_device["trained"]["train_data"] == sets
+    for name, tensor in by_loader["state_dict"].items():
+        assert torch.equal(tensor, by_device["state_dict"][name]), name
+
+
+@pytest.mark.parametrize("phantoms, message", [
+    ({"n": 1, "seed": 1, "variety": "training", "rows": 400, "columns": 320}, "size classic phantoms only"),
+    ({"n": 1, "seed": 1, "variety": "classic", "rows": 400}, "both rows and columns"),
+    ([], "give at least one set"),
+])
+def test_phantom_sets_refuse_what_cannot_be_drawn(tmp_path, phantoms, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path / "a.json", tmp_path, **{"data": {"train_phantoms": phantoms}})
 
 
 def test_data_needs_exactly_one_training_source(tmp_path):
