@@ -203,6 +203,10 @@ class TrainConfig(_Table):
     eval_every: Annotated[int, Field(ge=0)] = 2000  # 0: validate only at the end
     # Score threshold for the precision/recall/F1 part of validation (AP50 uses all scores).
     eval_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    # RetinaNet only: before export, shift the scores so that eval_threshold (the node's
+    # default score_threshold) is the operating point of this many false positives per
+    # image on the validation set (dicom_node.lab.train.calibrate). None: no shift.
+    calibrate_fp_per_image: Annotated[float, Field(gt=0)] | None = None
     device: Device = "auto"
     amp: bool = True  # CUDA only: ignored on CPU
     num_workers: Annotated[int, Field(ge=0)] = 0
@@ -211,6 +215,15 @@ class TrainConfig(_Table):
     @property
     def loss(self) -> str:
         return self.model.loss or loss_for(self.model.architecture)
+
+    @model_validator(mode="after")
+    def _calibration_needs(self) -> TrainConfig:
+        if self.calibrate_fp_per_image is not None:
+            if not self.model.architecture.startswith("retinanet"):
+                raise ValueError("calibrate_fp_per_image: RetinaNet only (Faster R-CNN scores are a softmax)")
+            if self.data.val_json is None and self.data.val_phantoms is None:
+                raise ValueError("calibrate_fp_per_image needs a validation set (data.val_json or data.val_phantoms)")
+        return self
 
     @property
     def export_path(self) -> Path:

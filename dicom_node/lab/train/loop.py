@@ -310,10 +310,19 @@ def validate(model, items, gt_coco: dict, *, device: torch.device, input_size: i
     """Summary metrics (AP50, precision/recall/F1 at ``threshold``, FROC) of ``model``.
 
     ``items`` are CocoDataset items ``(PreparedImage, boxes, image_id)`` of ``gt_coco``.
-    The model runs through the node's own TorchDetector (the deployment path: same
-    input tensor, same box mapping) without a score cut-off, then dicom_node.lab.evaluate.
     """
     from dicom_node.lab.evaluate.run import evaluate_detections
+
+    detections = detections_of(model, items, gt_coco, device=device, input_size=input_size)
+    return evaluate_detections(gt_coco, detections, threshold=threshold)["summary"]
+
+
+def detections_of(model, items, gt_coco: dict, *, device: torch.device, input_size: int) -> list[dict]:
+    """COCO detections of ``model`` on ``items`` (CocoDataset items of ``gt_coco``).
+
+    The model runs through the node's own TorchDetector (the deployment path: same input
+    tensor, same box mapping) at the model's own low cut, without the node's threshold.
+    """
     from dicom_node.model.architectures import MODEL_SCORE_THRESHOLD
     from dicom_node.model.detector import TorchDetector
 
@@ -330,7 +339,7 @@ def validate(model, items, gt_coco: dict, *, device: torch.device, input_size: i
                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "score": det.score})
     finally:
         model.train(was_training)
-    return evaluate_detections(gt_coco, detections, threshold=threshold)["summary"]
+    return detections
 
 
 # ---------------------------------------------------------------- the loop
@@ -467,6 +476,16 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True,
         last_metrics = validate(model, val_items, val_gt, device=dev, input_size=cfg.model.input_size,
                                 threshold=cfg.eval_threshold)
 
+    calibration = None
+    if cfg.calibrate_fp_per_image is not None and val_items:
+        from dicom_node.lab.train.calibrate import calibrate
+
+        detections = detections_of(model, val_items, val_gt, device=dev, input_size=cfg.model.input_size)
+        calibration = calibrate(model, detections, val_gt, fp_per_image=cfg.calibrate_fp_per_image,
+                                at=cfg.eval_threshold)
+        last_metrics = validate(model, val_items, val_gt, device=dev, input_size=cfg.model.input_size,
+                                threshold=cfg.eval_threshold)
+
     export = cfg.export_path
     export.parent.mkdir(parents=True, exist_ok=True)
     trained = {
@@ -479,6 +498,7 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True,
                        or f"{cfg.data.train_json.parent.name}/{cfg.data.train_json.name}"),
         "train_images": len(samples),
         "validation": _scalars(last_metrics),
+        **({"calibration": calibration} if calibration else {}),
         "torch": torch.__version__,
         "device": dev.type,
         "seconds_this_process": round(time.monotonic() - train_started, 1),

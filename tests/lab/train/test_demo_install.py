@@ -38,8 +38,9 @@ def test_anything_else_is_refused_and_the_target_is_left_alone(tmp_path):
     assert target.read_bytes() == b"old"
 
 
-def test_the_builder_installs_only_weights_that_meet_the_held_out_targets(monkeypatch, tmp_path):
-    """Figures below target: nothing is installed, and the error names each short set."""
+def test_the_builder_installs_only_weights_that_meet_the_targets_or_beat_the_packaged_ones(monkeypatch, tmp_path):
+    """Below target and not better than the packaged weights everywhere: nothing is installed,
+    and the error names each short set; better everywhere, or on target: installed."""
     from dicom_node.errors import NodeError
     from dicom_node.lab.train import demo
 
@@ -51,14 +52,25 @@ def test_the_builder_installs_only_weights_that_meet_the_held_out_targets(monkey
                       '[model]\narchitecture = "retinanet_r18_fpn"\ninput_size = 128\n'
                       '[data]\ntrain_phantoms = { n = 1, seed = 1 }\n')
     monkeypatch.setattr(demo, "ensure_heldout", lambda folder, spec, workers=1: folder / "annotations.json")
+    from dicom_node.model.checkpoints import DEMO_WEIGHTS_FILE
+
     scores = {"in_distribution": 0.95, "texture_reticular": 0.5, "contrast_band": 0.9, "size_3328x2560": 0.2}
-    monkeypatch.setattr(demo, "evaluate_heldout", lambda weights, annotations, out, device="cpu":
-                        {"ap50": scores[annotations.parent.name], "sensitivity_at_fp_per_image": {}})
+    packaged = {"in_distribution": 0.1, "texture_reticular": 0.1, "contrast_band": 0.1, "size_3328x2560": 0.3}
+    monkeypatch.setattr(demo, "evaluate_heldout", lambda weights, annotations, out, device="cpu": {
+        "ap50": (packaged if weights == DEMO_WEIGHTS_FILE else scores)[annotations.parent.name],
+        "sensitivity_at_fp_per_image": {}})
     installed = []
     monkeypatch.setattr(demo, "install_demo_weights", lambda source: installed.append(source))
-    with pytest.raises(NodeError, match=r"texture_reticular 0\.500 < 0\.85, size_3328x2560 0\.200 < 0\.85"):
+    with pytest.raises(NodeError, match=r"texture_reticular 0\.500 < 0\.85, size_3328x2560 0\.200 < 0\.85\) "
+                                        r"and not better than the packaged demo weights on size_3328x2560 "
+                                        r"\(0\.200 <= 0\.300\)"):
         demo.build(config, evaluate_only=True, install=True)
     assert installed == []
+    scores.update(size_3328x2560=0.31)  # still short of the target, but better everywhere
+    figures = demo.build(config, evaluate_only=True, install=True)
+    assert installed == [exported]
+    assert figures["sets"]["size_3328x2560"]["packaged"]["ap50"] == 0.3
+    packaged.update(texture_reticular=0.9)  # the packaged file is better there, the candidate on target
     scores.update(texture_reticular=0.86, size_3328x2560=0.9)
     demo.build(config, evaluate_only=True, install=True)
-    assert installed == [exported]
+    assert installed == [exported, exported]
