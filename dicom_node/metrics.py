@@ -24,8 +24,8 @@ Names carry the ``dicom_node_`` prefix and their unit; counters end in ``_total`
 
 from __future__ import annotations
 
-import functools
 import os
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -106,10 +106,18 @@ def _define() -> Metrics:
     )  # fmt: skip
 
 
-@functools.cache
+_made: Metrics | None = None
+_making = threading.Lock()
+
+
 def get() -> Metrics:
     """This process's metric objects, made at first use (after `use_directory`, in serve)."""
-    return _define()
+    global _made
+    if _made is None:
+        with _making:  # the SCP's threads and the delivery thread may come at once
+            if _made is None:
+                _made = _define()
+    return _made
 
 
 def seconds_between(start: datetime, end: datetime) -> float:
@@ -137,8 +145,10 @@ def use_directory(directory: Path | None) -> None:
         os.environ.pop(MULTIPROCESS_ENV, None)  # an inherited one must not send workers there
     else:
         os.environ[MULTIPROCESS_ENV] = str(directory)
-    values.ValueClass = values.get_value_class()
-    get.cache_clear()
+    global _made
+    with _making:
+        values.ValueClass = values.get_value_class()
+        _made = None
 
 
 def multiprocess_directory() -> Path | None:

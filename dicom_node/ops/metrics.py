@@ -26,7 +26,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from dicom_node.config import Config
 from dicom_node.errors import QueueUnavailable
-from dicom_node.metrics import FAILURE_OUTCOMES, get, multiprocess_directory, use_directory
+from dicom_node.metrics import (
+    FAILURE_OUTCOMES,
+    get,
+    multiprocess_directory,
+    use_directory,
+)
 from dicom_node.ops.http import Answer, EndpointServer, listen
 from dicom_node.queue.outage import Outage
 from dicom_node.receive.access import AssociateDiagnostic

@@ -1,5 +1,6 @@
 """[metrics]: its config, the endpoint off by default (no port opened), the scrape-time gauges
-read from a real SQLite queue, and GET /metrics from a real HTTP server.
+read from a real SQLite queue (the `queue` fixture of tests/ops/conftest.py), and GET /metrics
+from a real HTTP server.
 
 The counters of every process of a running node: tests/integration/test_node_metrics.py.
 """
@@ -7,11 +8,13 @@ The counters of every process of a running node: tests/integration/test_node_met
 from __future__ import annotations
 
 import os
+import re
 import socket
 import urllib.error
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,16 +24,10 @@ from dicom_node.config import parse_config
 from dicom_node.errors import ConfigError
 from dicom_node.ops.metrics import METRICS_DIR, prepare_metrics, start_metrics_server
 from dicom_node.ops.preflight import check_ports_free
-from dicom_node.queue import Queue
+from dicom_node.receive.access import ConnectionTable
 from tests.queue.queue_helpers import T0, analyse, new_uid, record
 
-
-@pytest.fixture
-def queue(tmp_path):
-    queue = Queue(f"sqlite:///{tmp_path / 'queue.sqlite'}")
-    queue.migrate()
-    yield queue
-    queue.close()
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +126,7 @@ def test_metrics_off_opens_no_port_and_writes_nothing(tmp_path, queue, monkeypat
     assert not (tmp_path / "data" / METRICS_DIR).exists()
 
     on = config(tmp_path, metrics={"enabled": True, "port": 0})  # the check can see a server
-    (tmp_path / "data").mkdir()
+    (tmp_path / "data").mkdir(exist_ok=True)
     prepare_metrics(on)
     server = start_metrics_server(on, queue=queue, scp=None)
     try:
@@ -144,7 +141,7 @@ def test_metrics_off_opens_no_port_and_writes_nothing(tmp_path, queue, monkeypat
 def test_get_metrics_shows_the_queue_and_this_process_counters(tmp_path, queue):
     node = config(tmp_path, metrics={"enabled": True, "port": 0},
                   destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}])  # fmt: skip
-    (tmp_path / "data" / METRICS_DIR).mkdir(parents=True)
+    (tmp_path / "data" / METRICS_DIR).mkdir(parents=True, exist_ok=True)
     (tmp_path / "data" / METRICS_DIR / "counter_1.db").write_bytes(b"a previous run's")
     prepare_metrics(node)
     assert list((tmp_path / "data" / METRICS_DIR).glob("counter_1.db")) == []  # wiped at start
@@ -176,3 +173,24 @@ def test_get_metrics_shows_the_queue_and_this_process_counters(tmp_path, queue):
     age = found[("dicom_node_oldest_pending_job_age_seconds", ())]
     assert age > timedelta(days=30).total_seconds()
     assert not_found == 404 and "try GET /metrics" in body
+
+
+def test_the_readme_lists_every_metric_served(tmp_path, queue):
+    node = config(tmp_path, metrics={"enabled": True, "port": 0},
+                  destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}])  # fmt: skip
+    (tmp_path / "data").mkdir(exist_ok=True)
+    prepare_metrics(node)
+    scp = SimpleNamespace(connections=ConnectionTable(max_connections=1, max_per_address=1))
+    server = start_metrics_server(node, queue=queue, scp=scp)
+    try:
+        _, _, text = scrape(server.port)
+    finally:
+        server.stop()
+    served = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(text)
+    }
+    section = README.read_text().split("\n### Metrics\n", 1)[1].split("\n## ", 1)[0]
+    listed = {name for row in section.splitlines() if row.startswith("| `dicom_node_")
+              for name in re.findall(r"`(dicom_node_[a-z_]+)", row.split(" | ")[0])}  # fmt: skip
+    assert listed == served
