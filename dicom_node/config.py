@@ -260,6 +260,15 @@ class HealthConfig(_Section):
     refusal_window_seconds: Annotated[float, Field(gt=0)] = 300.0
 
 
+class MetricsConfig(_Section):
+    """Prometheus metrics (GET /metrics, dicom_node.ops.metrics); off by default, loopback by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    # 9464: the port OpenTelemetry's Prometheus exporter uses; free on most hosts.
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464  # 0: pick a free port (tests)
+
+
 class RetentionConfig(_Section):
     """What the node removes once it is no longer needed (dicom_node.ops.retention).
 
@@ -300,6 +309,15 @@ class LoggingConfig(_Section):
     format: Literal["json", "console"] = "json"
 
 
+_ANY_ADDRESS = {"", "0.0.0.0", "::"}  # a server listening there takes the port on every address
+
+
+def _invalid(loc: tuple[str, ...], value, kind: str, template: str, **context) -> ValidationError:
+    """A validation error of the whole config that names the key at `loc` (a cross-section rule)."""
+    error = PydanticCustomError(kind, template, context)
+    return ValidationError.from_exception_data("Config", [InitErrorDetails(type=error, loc=loc, input=value)])
+
+
 class Config(_Section):
     node: NodeConfig = Field(default_factory=NodeConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
@@ -310,6 +328,7 @@ class Config(_Section):
     destinations: list[DestinationConfig] = Field(default_factory=list)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
@@ -327,16 +346,26 @@ class Config(_Section):
         # Retention must free space before the SCP refuses C-STOREs, not after.
         level, floor = self.retention.min_free_megabytes, self.node.min_free_megabytes
         if level is not None and level < floor:
-            error = PydanticCustomError(
-                "retention_level",
+            raise _invalid(
+                ("retention", "min_free_megabytes"), level, "retention_level",
                 "{level} is below node.min_free_megabytes ({floor}): retention must free space "
                 "before the SCP refuses C-STOREs",
-                {"level": level, "floor": floor},
+                level=level, floor=floor,
             )
-            raise ValidationError.from_exception_data(
-                "Config",
-                [InitErrorDetails(type=error, loc=("retention", "min_free_megabytes"), input=level)],
-            )
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_port_of_its_own(self) -> "Config":
+        # Two servers cannot listen on one address: say which key, before anything starts.
+        metrics = self.metrics
+        if not metrics.enabled or metrics.port == 0:
+            return self
+        taken = {"node.port": (self.node.host, self.node.port)}
+        if self.health.enabled:
+            taken["health.port"] = (self.health.host, self.health.port)
+        for key, (host, port) in taken.items():
+            if port == metrics.port and (host == metrics.host or {host, metrics.host} & _ANY_ADDRESS):
+                raise _invalid(("metrics", "port"), port, "port_taken", "{port} is also {key}", port=port, key=key)
         return self
 
     @property

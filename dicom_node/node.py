@@ -2,8 +2,9 @@
 
 Process layout:
 - main process: the Storage SCP (pynetdicom threads), a scheduler thread that turns
-  stable studies into jobs and supervises workers, a delivery thread (C-STORE SCU) and a
-  retention thread (removes delivered studies, dicom_node.ops.retention);
+  stable studies into jobs and supervises workers, a delivery thread (C-STORE SCU), a
+  retention thread (removes delivered studies, dicom_node.ops.retention), and the
+  optional HTTP endpoints /health and /metrics (the workers' metrics included);
 - `workers.count` worker processes (spawned), each holding one loaded model.
 All of them share the SQLite job table through dicom_node.queue.
 
@@ -94,6 +95,7 @@ class Node:
     def run(self) -> int:
         from dicom_node.deliver.runner import run_deliveries
         from dicom_node.ops.health import liveness, start_health_server
+        from dicom_node.ops.metrics import prepare_metrics, start_metrics_server
         from dicom_node.ops.preflight import check_data_dir
         from dicom_node.ops.retention import run_retention
         from dicom_node.ops.runlock import RunLock
@@ -122,6 +124,7 @@ class Node:
                  instances_missing=len(reconciled.missing), instances_recorded=len(reconciled.recorded),
                  abandoned_leases_expired=abandoned,
                  architecture=config.detector.architecture, workers=config.workers.count)
+        prepare_metrics(config)  # before the workers start: they count into its directory
         pool = WorkerPool(config)
         pool.start()
         try:
@@ -133,6 +136,7 @@ class Node:
             )
             self.server = start_scp(config, queue=scp_queue, store=store)
             health = start_health_server(config, queue=queue, scp=self.server, pool=pool)  # None: off
+            metrics = start_metrics_server(config, queue=queue, scp=self.server)  # None: off
         except BaseException:
             # e.g. the port is taken: the workers are not daemons, stop them or we hang.
             if self.server is not None:
@@ -163,8 +167,9 @@ class Node:
         for thread in threads:
             thread.join(30)
         pool.stop()
-        if health:
-            health.stop()
+        for endpoint in (health, metrics):
+            if endpoint:
+                endpoint.stop()
         state.stop()
         run_lock.release()
         log.info("node_stopped")

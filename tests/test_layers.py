@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dicom_node"
 # Low to high. A module may import its own component and any lower one.
 RANKS = {
     "": 0, "errors": 0,  # "": dicom_node itself (__version__)
-    "log": 1, "files": 1,
+    "log": 1, "files": 1, "metrics": 1,  # metrics: counted in every stage, as they log
     "libraries": 2, "config": 2, "systemd": 2,
     "tls": 3, "store": 3, "queue": 3, "pixels": 3,
     "model": 4,

@@ -13,6 +13,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from dicom_node import metrics
 from dicom_node.config import Config
 from dicom_node.errors import ConfigError
 from dicom_node.log import get_logger
@@ -157,6 +158,7 @@ class WorkerPool:
             (log.error if state == "failed" else log.warning)(
                 "job_worker_died", job_id=job_id, worker=name, state=state
             )
+            metrics.get().job_failures.labels(outcome=metrics.failure_outcome(state)).inc()
 
     def _log_start_failures(self) -> None:
         """Report replacements that could not load the detector (they exit; see replace_dead)."""

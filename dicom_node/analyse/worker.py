@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 import pydicom
 
+from dicom_node import metrics
 from dicom_node.config import Config
 from dicom_node.errors import PermanentError, QueueUnavailable, UnsupportedImage
 from dicom_node.log import describe_error, get_logger
-from dicom_node.queue.ops import LeaseLost, new_analysis_key
+from dicom_node.queue.ops import LeaseLost, new_analysis_key, utcnow
 from dicom_node.queue.outage import Outage
 
 log = get_logger("dicom_node.worker")
@@ -105,7 +106,8 @@ def analyse_study(paths: Sequence[str], detector, config: Config, *, job_log=log
             raise PermanentError(f"cannot decode pixel data of {uid}: {describe_error(error)}") from error
         if frame is not None:
             analysis.frames[uid] = frame
-        analysis.detections[uid] = list(detector.detect([prepared])[0])
+        with metrics.get().model_forward.time():
+            analysis.detections[uid] = list(detector.detect([prepared])[0])
     return analysis
 
 
@@ -208,6 +210,8 @@ def process_job(
     stop = stop or threading.Event()  # never set: wait for the database as long as it takes
     job_log = log.bind(worker=worker, **job.log_context())
     job_log.info("job_started", attempt=job.attempts)
+    if job.attempts == 1:  # the claim set updated_at; created_at is when the study became stable
+        metrics.get().job_stable_to_claimed.observe(metrics.seconds_between(job.created_at, job.updated_at))
     try:
         with _Heartbeat(queue, job.id, worker, config.workers.lease_seconds):
             instances = queue.study_instances(job.study_uid)
@@ -230,7 +234,9 @@ def process_job(
             return
         if state is None:
             job_log.warning("job_lease_lost")
-        elif state == "failed":
+            return
+        metrics.get().job_failures.labels(outcome=metrics.failure_outcome(state)).inc()
+        if state == "failed":
             job_log.error("job_failed", error=message, state=state)
         else:
             job_log.warning("job_error_retry", error=message, state=state)
@@ -257,6 +263,7 @@ def process_job(
         # the next attempt rewrites the same object under the same name.
         job_log.warning("job_left_leased", error=str(unavailable))
         return
+    metrics.get().job_claimed_to_done.observe(metrics.seconds_between(job.updated_at, utcnow()))
     job_log.info(
         "job_done",
         images=len(analysis.images),

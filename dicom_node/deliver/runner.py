@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from dicom_node import metrics
 from dicom_node.config import Config
 from dicom_node.deliver.scu import send_file
 from dicom_node.errors import (
@@ -18,6 +19,7 @@ from dicom_node.errors import (
     RetryableError,
 )
 from dicom_node.log import describe_error, get_logger
+from dicom_node.queue.ops import utcnow
 from dicom_node.queue.outage import Outage
 from dicom_node.store import InstanceStore, LedgerError
 
@@ -60,13 +62,25 @@ def deliver_once(
         (delivery_log.error if state == "failed" else delivery_log.warning)(
             "delivery_failed" if state == "failed" else "delivery_retry", error=str(error), state=state
         )
+        metrics.get().delivery_failures.labels(
+            destination=_destination_label(config, delivery.destination), outcome=metrics.failure_outcome(state)
+        ).inc()
         return True
     if store is not None:
         _note_delivered(store, delivery, delivery_log)
     outage = outage or Outage("deliver")
     outage.call(lambda: queue.complete_delivery(delivery.id, worker=worker), stop=stop or threading.Event())
+    # A delivery row is made when its job is done: created_at is the job's done time.
+    metrics.get().job_done_to_delivered.labels(destination=_destination_label(config, delivery.destination)).observe(
+        metrics.seconds_between(delivery.created_at, utcnow())
+    )
     delivery_log.info("delivery_done")
     return True
+
+
+def _destination_label(config: Config, name: str) -> str:
+    """A destination's name as a metric label: one of the config's (a row may name one since removed)."""
+    return name if any(d.name == name for d in config.destinations) else "(not configured)"
 
 
 def _note_delivered(store: InstanceStore, delivery, delivery_log) -> None:

@@ -5,7 +5,7 @@
   pure function: the queue's statistics, the free space, and the `Liveness` of the node
   (what only the running process knows: its SCP, its workers, the C-STOREs it refused
   lately) are read by the caller.
-- `HealthServer` answers ``GET /health`` from a stdlib HTTP server thread in the main
+- `HealthServer` answers ``GET /health`` from a stdlib HTTP server thread (ops/http.py) in the main
   process (``[health] enabled = true``; off by default, loopback by default).
 - `dicom-node status` (ops/status.py) builds the same report in another process, with the
   `Liveness` the node writes to its state file (ops/state.py).
@@ -16,22 +16,16 @@ The body carries counts, ages, UIDs and our own error messages, never patient da
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from dicom_node.config import Config
-from dicom_node.errors import ConfigError
-from dicom_node.log import get_logger
-
-log = get_logger("dicom_node.ops.health")
+from dicom_node.ops.http import Answer, EndpointServer, listen
 
 HEALTH_PATH = "/health"
 MAX_ERROR_CHARS = 300  # per error in the report
-REQUEST_TIMEOUT_SECONDS = 10  # a client that stops talking cannot hold a thread for long
 MEGABYTE = 1024 * 1024
 
 
@@ -243,55 +237,22 @@ def scp_is_listening(server) -> bool:
     return sock is not None and sock.fileno() != -1
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "dicom-node"
-    timeout = REQUEST_TIMEOUT_SECONDS
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path.split("?", 1)[0].rstrip("/") != HEALTH_PATH:
-            self._answer(int(HTTPStatus.NOT_FOUND), {"error": f"not found; try GET {HEALTH_PATH}"})
-            return
-        try:
-            status, body = self.server.probe()
-        except Exception as error:  # answer, never drop the connection
-            status = int(HTTPStatus.SERVICE_UNAVAILABLE)
-            body = {"status": "degraded", "problems": [f"health check failed ({type(error).__name__})"]}
-        self._answer(status, body)
-
-    def _answer(self, status: int, body: dict) -> None:
-        payload = json.dumps(body, default=str).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
-        log.debug("health_request", client=self.client_address[0], request=format % args)
+def _json(status: int, body: dict) -> Answer:
+    return int(status), "application/json", json.dumps(body, default=str).encode()
 
 
-class HealthServer(ThreadingHTTPServer):
-    """``GET /health`` answered with ``probe()``; ``stop()`` ends it."""
-
-    daemon_threads = True
+class HealthServer(EndpointServer):
+    """``GET /health`` answered with ``probe()`` (HTTP status, body); ``stop()`` ends it."""
 
     def __init__(self, address: tuple[str, int], probe: Callable[[], tuple[int, dict]]):
-        super().__init__(address, _Handler)
-        self.probe = probe
-        self._thread = threading.Thread(target=self.serve_forever, name="health", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def start(self) -> HealthServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        super().__init__(
+            address, name="health", path=HEALTH_PATH,
+            answer=lambda _headers: _json(*probe()),
+            failure=lambda status, message: _json(status, (
+                {"error": message} if status == HTTPStatus.NOT_FOUND
+                else {"status": "degraded", "problems": [message]}
+            )),
+        )
 
 
 def assess(config: Config, queue, live: Liveness | None, *, live_error: str | None = None) -> tuple[int, dict]:
@@ -323,12 +284,4 @@ def start_health_server(config: Config, *, queue, scp, pool) -> HealthServer | N
     def probe() -> tuple[int, dict]:
         return assess(config, queue, liveness(config, scp=scp, pool=pool))
 
-    address = (config.health.host, config.health.port)
-    try:
-        server = HealthServer(address, probe)
-    except OSError as error:
-        raise ConfigError(
-            f"health: cannot listen on {address[0]}:{address[1]} ({error.strerror or error})"
-        ) from None
-    log.info("health_listening", host=server.server_address[0], port=server.port, path=HEALTH_PATH)
-    return server.start()
+    return listen(HealthServer, "health", config.health.host, config.health.port, probe)

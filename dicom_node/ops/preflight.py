@@ -51,10 +51,11 @@ def check_port_free(host: str, port: int, *, key: str) -> None:
 
 
 def check_ports_free(config: Config) -> None:
-    """node.port on node.host, and health.port on health.host when the endpoint is enabled."""
+    """node.port on node.host, and health.port and metrics.port when their endpoint is enabled."""
     check_port_free(config.node.host, config.node.port, key="node.port")
-    if config.health.enabled:
-        check_port_free(config.health.host, config.health.port, key="health.port")
+    for key, endpoint in (("health", config.health), ("metrics", config.metrics)):
+        if endpoint.enabled:
+            check_port_free(endpoint.host, endpoint.port, key=f"{key}.port")
 
 
 def check_config(config: Config, *, source: str) -> str:

@@ -365,6 +365,15 @@ def _count_by_state(conn: Connection, table: Table) -> dict[str, int]:
     return {state.value: found.get(state.value, 0) for state in State}
 
 
+def _depth(conn: Connection, now: datetime) -> dict:
+    """Jobs and deliveries per state, and the age of the oldest pending job (Queue.depth)."""
+    oldest = conn.scalar(select(func.min(jobs.c.created_at)).where(jobs.c.state == State.PENDING))
+    return {
+        **{table.name: _count_by_state(conn, table) for table in (jobs, deliveries)},
+        "oldest_pending_job_age_seconds": None if oldest is None else (now - oldest).total_seconds(),
+    }
+
+
 def _latest_errors(limit: int):
     """SELECT the newest errors still carried by a job or a delivery."""
     job_errors = select(
@@ -1066,10 +1075,8 @@ class Queue:
         first, as {"job_id", "study_uid", "destination" (None for a job's own), "error", "at"}.
         """
         now = now or utcnow()
-        oldest_pending = select(func.min(jobs.c.created_at)).where(jobs.c.state == State.PENDING)
         with self._read() as conn:
-            counts = {table.name: _count_by_state(conn, table) for table in (jobs, deliveries)}
-            oldest = conn.scalar(oldest_pending)
+            depth = _depth(conn, now)
             errors = [dict(row._mapping) for row in conn.execute(_latest_errors(last_errors))]
             instance_total = conn.scalar(select(func.count()).select_from(instances))
             is_missing = instances.c.missing_since.is_not(None)
@@ -1083,12 +1090,17 @@ class Queue:
             )
             missing = [dict(row._mapping) for row in missing]
         return {
-            **counts,
+            **depth,
             "instances": {"total": instance_total, "missing": missing_total},
             "missing_instances": missing,
-            "oldest_pending_job_age_seconds": None if oldest is None else (now - oldest).total_seconds(),
             "last_errors": errors,
         }
+
+    def depth(self, *, now: datetime | None = None) -> dict:
+        """What is waiting, cheaply (read at every metrics scrape): {"jobs": {state: count},
+        "deliveries": {state: count}, "oldest_pending_job_age_seconds": float or None}."""
+        with self._read() as conn:
+            return _depth(conn, now or utcnow())
 
     def delivery_stats(self, *, now: datetime | None = None) -> dict:
         """Are results reaching their destinations? For health and status.

@@ -17,6 +17,7 @@ from enum import IntEnum
 import structlog
 from pynetdicom import evt
 
+from dicom_node import metrics
 from dicom_node.config import Config
 from dicom_node.errors import ConfigError
 from dicom_node.log import get_logger
@@ -202,6 +203,7 @@ def handle_requested(event: evt.Event, config: Config, connections: ConnectionTa
     log.warning(
         "association_rejected", reason=rejection.reason, called_ae=request.called_ae_title
     )
+    metrics.get().associations_refused.labels(reason=rejection.diagnostic.name).inc()
     association.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
     # As pynetdicom does after its own rejections: wait until the A-ASSOCIATE-RJ
     # is out and the peer has closed the connection, then end the association.
@@ -328,6 +330,11 @@ class ConnectionTable:
     def open_count(self) -> int:
         with self._lock:
             return sum(1 for c in self._open.values() if not c.closed)
+
+    def associated_count(self) -> int:
+        """Open connections whose association was accepted (what node.max_associations counts)."""
+        with self._lock:
+            return sum(1 for c in self._open.values() if c.calling_ae is not None and not c.closed)
 
     def _close(self, connection: Connection, event: str, *, reason: str) -> None:
         connection.closed = True

@@ -37,6 +37,7 @@ from pynetdicom import evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.status import Status
 
+from dicom_node import metrics
 from dicom_node.errors import QueueUnavailable
 from dicom_node.log import describe_error, get_logger
 from dicom_node.receive.activity import ReceiveActivity
@@ -343,12 +344,21 @@ def handle_store(
 ) -> Dataset:
     """EVT_C_STORE: store and record the instance, or say why not. Never raises."""
     response = _store(event, queue, store, limits)
+    count_answer(response.Status)
     if activity is not None:
         if response.Status == StoreStatus.SUCCESS:
             activity.record_stored()
         else:
             activity.record_refused(response.Status, response.get("ErrorComment", ""))
     return response
+
+
+def count_answer(status: int) -> None:
+    """The C-STORE answer in the metrics: received, or refused under its status's name."""
+    if status == StoreStatus.SUCCESS:
+        metrics.get().instances_received.inc()
+    else:
+        metrics.get().c_store_refusals.labels(status=StoreStatus(status).name).inc()
 
 
 def _persist(event: evt.Event, store: InstanceStore, identity: InstanceIdentity) -> tuple[Path, int]:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from pynetdicom.pdu_primitives import P_DATA
 
+from dicom_node import metrics
 from dicom_node.log import get_logger
 
 log = get_logger("dicom_node.receive")
@@ -194,6 +195,7 @@ class DimseGuard:
             if message.data_set.tell() + fragment > MAX_COMMAND_SET_BYTES:
                 self._hang_up("dimse_data_set_too_long", limit=MAX_COMMAND_SET_BYTES)
                 return False
+        metrics.get().received_bytes.inc(fragment)
         return True
 
     def _wrap_new_spool(self) -> None:
