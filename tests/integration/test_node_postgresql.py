@@ -14,6 +14,7 @@ from dicom_node.queue import Queue, State
 from tests import synthetic
 
 from .dcmtk import storescu
+from .fault_node import fault_nodes  # noqa: F401 (fixture)
 from .gsps_read import referenced_images
 from .process import wait_for
 from .test_node_roundtrip import RELATIVE_BOX, fixed_boxes_file, start_node, wait_for_gsps
@@ -54,3 +55,35 @@ def test_a_node_on_postgresql_receives_a_study_and_delivers_one_gsps(tmp_path, o
         print(node.output())
     assert status == 0
     assert "s3cret-pw" not in node.output()
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL server of this test's own, to stop and start again under a running node."""
+    from tests.postgres import PostgresServer, postgres_bin_dir
+
+    server = PostgresServer(postgres_bin_dir()).start()
+    yield server
+    server.stop()
+
+
+def test_a_node_whose_postgresql_stops_answers_out_of_resources_and_stores_once_it_is_back(
+    tmp_path, fault_nodes, own_postgres
+):
+    url = own_postgres.url(own_postgres.create_database())
+    node = fault_nodes(queue={"url": url}, node={"network_timeout_seconds": 20})
+    files = synthetic.study(tmp_path / "study", n_images=1)
+
+    own_postgres.stop(remove=False)
+    refused = storescu(files, node.port, "DICOM_NODE", extra_args=["--dimse-timeout", "20"])
+    assert not refused.ok and "Refused: OutOfResources" in refused.output, refused.output
+    (failed,) = node.process.events("instance_store_failed")
+    assert failed["status"] == "0xA700"
+    assert failed["error"] == f"job database {url} unavailable: server unavailable"
+
+    own_postgres.start()  # the same data and port: the node's pool reconnects by itself
+    stored = storescu(files, node.port, "DICOM_NODE")  # the sender's retry
+    assert stored.ok, stored.output
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    assert node.wait_for_job(study_uid, "done").detections == 1
+    assert "Traceback" not in node.process.output()
