@@ -136,17 +136,10 @@ def test_dead_workers_jobs_are_reclaimed_once_each_by_concurrent_workers(queue, 
     assert all(j.worker in reclaimed and j.id in reclaimed[j.worker] for j in jobs)
 
 
-def test_concurrent_migrations_on_a_fresh_postgresql_database(postgres_url):
-    run_in_processes(postgres_url, "migrate")
-    queue = Queue(postgres_url)
-    try:
-        assert record(queue, new_uid(), now=T0) is True
-    finally:
-        queue.close()
-
-
-def test_concurrent_migrations_on_a_fresh_file(tmp_path):
-    database_url = f"sqlite:///{tmp_path / 'fresh' / 'queue.sqlite'}"
+def test_concurrent_migrations_on_a_fresh_database(request, backend, tmp_path):
+    # SQLite: a file (and folder) not there yet; PostgreSQL: an empty database.
+    database_url = (request.getfixturevalue("postgres_url") if backend == "postgresql"
+                    else f"sqlite:///{tmp_path / 'fresh' / 'queue.sqlite'}")
     run_in_processes(database_url, "migrate")
     queue = Queue(database_url)
     try:
