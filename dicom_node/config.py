@@ -304,6 +304,38 @@ class RetentionConfig(_Section):
         return megabytes * 1024 * 1024
 
 
+def _queue_url(value: str | None) -> str | None:
+    """A SQLite file or a PostgreSQL database on psycopg 3; the password never in a message."""
+    if value is None:
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ValueError(
+            "not a database URL (sqlite:///path or postgresql+psycopg://user@host/database)"
+        ) from None
+    shown = url.render_as_string(hide_password=True)
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if backend == "postgresql":
+        if "+" not in url.drivername:  # plain postgresql://: the one driver we ship
+            url = url.set(drivername="postgresql+psycopg")
+        elif driver != "psycopg":
+            raise ValueError(f"{shown}: use the psycopg 3 driver (postgresql+psycopg://...)")
+    elif backend != "sqlite" or not url.database or url.database == ":memory:":
+        raise ValueError(f"{shown}: the job table runs on a SQLite file or on PostgreSQL")
+    return url.render_as_string(hide_password=False)
+
+
+class QueueConfig(_Section):
+    # SQLAlchemy URL of the job table. Unset: the SQLite file dicom-node.sqlite in
+    # node.data_dir. postgresql://role@host/database (psycopg 3) for a shared server;
+    # its password is best left to PGPASSWORD or ~/.pgpass (libpq reads both).
+    url: Annotated[str | None, AfterValidator(_queue_url)] = None
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -330,6 +362,7 @@ class Config(_Section):
     health: HealthConfig = Field(default_factory=HealthConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("destinations")
@@ -370,7 +403,8 @@ class Config(_Section):
 
     @property
     def database_url(self) -> str:
-        return f"sqlite:///{self.node.data_dir / 'dicom-node.sqlite'}"
+        """queue.url, or the SQLite file in node.data_dir (the default)."""
+        return self.queue.url or f"sqlite:///{self.node.data_dir / 'dicom-node.sqlite'}"
 
     def destination(self, name: str) -> DestinationConfig:
         for destination in self.destinations:
@@ -417,7 +451,13 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     detector = config.detector
     if detector.weights != DEMO_WEIGHTS:
         detector = detector.model_copy(update={"weights": str(resolve(Path(detector.weights)))})
-    return config.model_copy(update={"node": node, "security": security, "detector": detector})
+    queue = config.queue
+    if queue.url and queue.url.startswith("sqlite:///") and not queue.url.startswith("sqlite:////"):
+        # A relative SQLite file, like every other path: against the config file's folder.
+        queue = queue.model_copy(update={"url": f"sqlite:///{resolve(Path(queue.url[len('sqlite:///'):]))}"})
+    return config.model_copy(
+        update={"node": node, "security": security, "detector": detector, "queue": queue}
+    )
 
 
 def validate_model(model: type[ModelT], data: dict, *, source: str) -> ModelT:

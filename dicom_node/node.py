@@ -119,7 +119,7 @@ class Node:
         reconciled = reconcile(store, queue, destinations=[d.name for d in config.destinations])
         # We hold the run lock, so whatever is still running was a crashed node's.
         abandoned = queue.expire_leases()
-        log.info("node_starting", data_dir=str(config.node.data_dir),
+        log.info("node_starting", data_dir=str(config.node.data_dir), database=queue.path,
                  orphan_temp_files_removed=reconciled.temp_files_removed,
                  instances_missing=len(reconciled.missing), instances_recorded=len(reconciled.recorded),
                  abandoned_leases_expired=abandoned,

@@ -70,3 +70,24 @@ def small_filesystem(tmp_path):
     yield mount
     for filesystem in mounted:
         filesystem.unmount()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (tests/postgres.py), started on first use."""
+    from tests.postgres import PostgresServer, postgres_bin_dir
+
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.fail("the PostgreSQL server is not installed (Debian: postgresql; scripts/test installs it)")
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """The URL of a fresh, empty database on the session's server, dropped after the test."""
+    name = postgres_server.create_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)

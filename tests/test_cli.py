@@ -232,3 +232,35 @@ def test_serve_and_check_config_refuse_a_node_open_to_anyone_by_omission(tmp_pat
         assert "config error: security.allowed_callers: empty, so nobody may send" in result.stderr
         assert "security.allow_any_caller = true" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_postgresql_queue_that_does_not_answer_or_does_not_exist_stops_the_start_in_one_line(
+    tmp_path, postgres_server
+):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        silent = probe.getsockname()[1]
+    down = f"postgresql://node:s3cret-pw@127.0.0.1:{silent}/queue"
+    missing = postgres_server.url("no_such_db", password="s3cret-pw")
+    shown = {down: f"postgresql+psycopg://node:***@127.0.0.1:{silent}/queue",
+             missing: missing.replace("s3cret-pw", "***")}
+    for url, command, status, line in (
+        # Away, so waiting may help: serve fails (1) and systemd starts it again later;
+        # check-config, for the operator at the keyboard, calls it a config error.
+        (down, "serve", 1, f"error: job database {shown[down]} unavailable: server unavailable"),
+        (down, "check-config", 2,
+         f"config error: queue.url: job database {shown[down]} unavailable: server unavailable"),
+        (missing, "serve", 2, f"config error: queue.url: cannot use the job database {shown[missing]} "
+                              "(no such database)"),
+        (missing, "check-config", 2, f"config error: queue.url: cannot use the job database "
+                                     f"{shown[missing]} (no such database)"),
+    ):
+        config = node_config(tmp_path, f"[queue]\nurl = '{url}'\n")
+        result = run_cli(command, "--config", str(config))
+        assert result.returncode == status, (command, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]  # after serve's any_caller_allowed warning
+        assert failure_message(last).startswith(line), (command, result.stderr)
+        assert "s3cret-pw" not in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr

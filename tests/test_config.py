@@ -119,3 +119,25 @@ def test_durations_longer_than_100_years_are_refused():
     assert parse_duration("36500d").days == 36500
     with pytest.raises(ValueError, match="'36501d' is longer than 36500d"):
         parse_duration("36501d")
+
+
+@pytest.mark.parametrize("url, message", [
+    ("nonsense", "queue.url: Value error, not a database URL"),
+    ("mysql://node:s3cret@db/queue", "queue.url: Value error, mysql://node:***@db/queue: the job table runs on"),
+    ("postgresql+psycopg2://node:s3cret@db/queue", "queue.url: Value error, postgresql+psycopg2://node:***@db/queue: "
+                                                   "use the psycopg 3 driver"),
+    ("sqlite://", "queue.url: Value error, sqlite://: the job table runs on a SQLite file"),
+])
+def test_bad_queue_urls_are_rejected_naming_the_key_without_the_password(url, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config({"queue": {"url": url}}, base_dir=Path("."))
+    assert message in str(error.value) and "s3cret" not in str(error.value)
+
+
+def test_queue_url_defaults_to_the_sqlite_file_in_data_dir_and_takes_postgresql():
+    base = Path("/etc/dicom-node")
+    assert parse_config({}, base_dir=base).database_url == "sqlite:////etc/dicom-node/var/dicom-node.sqlite"
+    assert parse_config({"queue": {"url": "sqlite:///q/jobs.sqlite"}}, base_dir=base).database_url == (
+        "sqlite:////etc/dicom-node/q/jobs.sqlite")  # relative, like every path: to the config's folder
+    postgresql = parse_config({"queue": {"url": "postgresql://node@db.example/dicom"}}, base_dir=base)
+    assert postgresql.database_url == "postgresql+psycopg://node@db.example/dicom"  # the driver we ship

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from dicom_node.config import Config
-from dicom_node.errors import ConfigError
+from dicom_node.errors import ConfigError, QueueUnavailable
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -58,12 +58,33 @@ def check_ports_free(config: Config) -> None:
             check_port_free(endpoint.host, endpoint.port, key=f"{key}.port")
 
 
+def check_queue(config: Config) -> None:
+    """When queue.url names a database: it answers and is usable (no schema is changed).
+
+    A server that does not answer is a ConfigError here, for the operator at the
+    keyboard; `serve` itself exits 1 on it (not a config error: systemd's restarts wait
+    for a server that is starting). The default SQLite file is checked by `serve`.
+    """
+    from dicom_node.queue.ops import Queue
+
+    if config.queue.url is None:
+        return
+    queue = Queue(config.queue.url, busy_timeout_seconds=5)
+    try:
+        queue.check_database()
+    except QueueUnavailable as error:
+        raise ConfigError(f"queue.url: {error}") from None
+    finally:
+        queue.close()
+
+
 def check_config(config: Config, *, source: str) -> str:
     """Everything `serve` would check before listening, cheapest first; the summary line.
 
     Raises ConfigError naming the first key at fault, in the order `serve` checks: the
-    data directory, TLS files, who may send, the ports (unless a node already runs on that
-    data_dir: then they are its own), and last the detector (it loads the checkpoint).
+    data directory, TLS files, who may send, the job database (queue.url, when set), the
+    ports (unless a node already runs on that data_dir: then they are its own), and last
+    the detector (it loads the checkpoint).
     """
     from dicom_node.model.detector import load_detector
     from dicom_node.ops.runlock import running_node_pid
@@ -73,6 +94,7 @@ def check_config(config: Config, *, source: str) -> str:
     check_data_dir(config.node.data_dir)
     check_tls(config)
     check_access_config(config)
+    check_queue(config)
     pid = running_node_pid(config.node.data_dir)
     if pid is None:
         check_ports_free(config)

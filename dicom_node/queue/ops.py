@@ -1,27 +1,28 @@
 """The queue: every SQL statement the node issues, as small named operations.
 
-One `Queue` (one engine) per process; the SCP process and each worker process
-open their own on the same SQLite file. SQLite runs in WAL mode, so readers never
-block the writer, and every write transaction starts with ``BEGIN IMMEDIATE``:
-it takes the database's single write lock up front, which makes read-then-write
-operations (claim a job, enqueue ready studies) atomic across processes, and a
-second writer waits (busy_timeout) instead of failing on a lock upgrade.
+One `Queue` (one engine) per process; the SCP process and each worker process open
+their own on the same database: a SQLite file (the default) or a PostgreSQL database
+shared by processes on many hosts. On SQLite (WAL mode) readers never block the
+writer, and every write transaction starts with ``BEGIN IMMEDIATE``: it takes the
+database's single write lock up front, which makes read-then-write operations (claim a
+job, enqueue ready studies) atomic across processes, and a second writer waits
+(busy_timeout) instead of failing on a lock upgrade. On PostgreSQL the same statements
+lock rows instead (``FOR UPDATE [SKIP LOCKED]``, ``ON CONFLICT``): see backends.py,
+the one home of what differs between the two.
 
 Each public method is one short transaction, committed before it returns.
 
 Database trouble (the write lock held past the busy timeout, disk full at commit, an
-I/O error, a corrupt file) is raised as one exception, `QueueUnavailable`, naming the
-file and the kind of trouble, never the SQL: callers answer "later" and carry on.
-How long a write waits for the lock is the caller's choice (`busy_timeout_seconds`):
-the SCP must answer its sender well within the network timeout, a worker may wait.
+I/O error, a corrupt file, a PostgreSQL server that does not answer) is raised as one
+exception, `QueueUnavailable`, naming the database and the kind of trouble, never the
+SQL: callers answer "later" and carry on. How long a write waits for a lock is the
+caller's choice (`busy_timeout_seconds`): the SCP must answer its sender well within
+the network timeout, a worker may wait.
 """
-
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import sqlite3
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import fields
@@ -35,9 +36,7 @@ from sqlalchemy import (
     Table,
     and_,
     case,
-    create_engine,
     delete,
-    event,
     func,
     insert,
     null,
@@ -46,12 +45,11 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
 
-from dicom_node.errors import ConfigError, NodeError, QueueUnavailable
+from dicom_node.errors import NodeError, QueueUnavailable
 from dicom_node.log import get_logger
+from dicom_node.queue.backends import UNUSABLE_KINDS, Backend, backend_for, greatest
 from dicom_node.queue.models import (
     DeliveredStudy,
     Delivery,
@@ -72,12 +70,15 @@ BUSY_TIMEOUT_SECONDS = 30
 # timeout, at most this (see busy_timeout_for_peer).
 PEER_BUSY_TIMEOUT_MAX_SECONDS = 5.0
 MAX_ERROR_CHARS = 2000
-_READ_ONLY = "dicom_node_read_only"  # execution option: plain (deferred) BEGIN for readers
 _NOUN = {"jobs": "job", "deliveries": "delivery"}
 _IN_CHUNK = 500  # values per IN (...) list, well under SQLite's bound-parameter limit
 
 log = get_logger(__name__)
 T = TypeVar("T")
+
+
+class _Duplicate(Exception):
+    """Rolls back a transaction that found its instance already recorded."""
 
 
 class LeaseLost(NodeError):
@@ -96,69 +97,6 @@ def busy_timeout_for_peer(network_timeout_seconds: float) -> float:
     sooner than our own node.network_timeout_seconds says.
     """
     return min(network_timeout_seconds / 4, PEER_BUSY_TIMEOUT_MAX_SECONDS)
-
-
-# SQLite primary result codes (https://sqlite.org/rescode.html) that mean "the database
-# cannot be used now", as the kind named in QueueUnavailable. Any other error (a
-# constraint, a malformed statement) is a bug and is raised as it is.
-_UNAVAILABLE_KINDS = {
-    3: "permission denied",  # SQLITE_PERM
-    5: "locked by another process",  # SQLITE_BUSY: the busy timeout ran out
-    6: "locked",  # SQLITE_LOCKED
-    7: "out of memory",  # SQLITE_NOMEM
-    8: "read-only",  # SQLITE_READONLY
-    10: "I/O error",  # SQLITE_IOERR
-    11: "corrupt",  # SQLITE_CORRUPT
-    13: "disk full",  # SQLITE_FULL
-    14: "cannot open",  # SQLITE_CANTOPEN
-    15: "lock protocol error",  # SQLITE_PROTOCOL
-    26: "not a database",  # SQLITE_NOTADB
-}
-# Kinds that waiting will not cure: at startup they stop the node with a config error.
-_UNUSABLE_KINDS = frozenset({"permission denied", "read-only", "corrupt", "cannot open", "not a database"})
-
-
-def _unavailable_kind(error: BaseException) -> str | None:
-    """The kind of database trouble behind `error`, or None when it is not such trouble."""
-    original = error.orig if isinstance(error, DBAPIError) else error
-    if not isinstance(original, sqlite3.Error):
-        return None
-    code = getattr(original, "sqlite_errorcode", None)
-    return None if code is None else _UNAVAILABLE_KINDS.get(code & 0xFF)
-
-
-def _unusable(path: Path, reason: str) -> ConfigError:
-    """The one-line startup error for a database file that cannot be used, with the way out."""
-    if reason in ("permission denied", "read-only", "cannot open"):
-        return ConfigError(
-            f"node.data_dir: cannot use the job database {path} ({reason}); make it, its -wal "
-            "and -shm files and its folder readable and writable by the node's user"
-        )
-    return ConfigError(
-        f"node.data_dir: {path} is not a readable SQLite database ({reason}); move it away "
-        "(with its -wal and -shm files) and start again: stored instances are recorded again "
-        f"from {path.parent / 'instances'} and delivered studies are not sent again"
-    )
-
-
-def _configure_sqlite(engine, busy_timeout_seconds: float) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record) -> None:
-        # Take BEGIN away from the sqlite3 driver (it would emit a deferred BEGIN
-        # only before DML); the "begin" hook below emits our own.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {round(busy_timeout_seconds * 1000)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        # FULL: a commit is fsynced before it returns; the SCP answers Success after it.
-        cursor.execute("PRAGMA synchronous = FULL")
-        cursor.execute("PRAGMA foreign_keys = ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn) -> None:
-        read_only = conn.get_execution_options().get(_READ_ONLY, False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def _record(cls, row: Row, **extra):
@@ -192,10 +130,15 @@ def _lease_lost(table: Table, row_id: int, worker: str | None) -> LeaseLost:
 
 def _fail_exhausted_leases(conn: Connection, table: Table, *, max_attempts: int, now: datetime):
     """Fail rows whose lease expired on their last allowed attempt (a worker keeps dying on them)."""
-    conn.execute(
-        update(table)
+    exhausted = (
+        select(table.c.id)
         .where(table.c.state == State.RUNNING, table.c.lease_until < now)
         .where(table.c.attempts >= max_attempts)
+        .with_for_update(skip_locked=True, key_share=True)  # another claimer's rows are its own
+    )
+    conn.execute(
+        update(table)
+        .where(table.c.id.in_(exhausted.scalar_subquery()))
         .values(
             state=State.FAILED,
             lease_until=None,
@@ -211,7 +154,15 @@ def _claim(conn: Connection, table: Table, *, worker: str, lease_seconds: float,
         and_(table.c.state == State.PENDING, table.c.run_after <= now),
         and_(table.c.state == State.RUNNING, table.c.lease_until < now),
     )
-    oldest = select(table.c.id).where(due).order_by(table.c.id).limit(1).scalar_subquery()
+    # SKIP LOCKED: a row another claimer holds is passed over, not waited for; once locked,
+    # PostgreSQL checks again that it is still due. (SQLite renders no lock clause: its
+    # BEGIN IMMEDIATE holds the only write lock.) NO KEY: deliveries' foreign keys may
+    # still reference the job meanwhile.
+    oldest = (
+        select(table.c.id).where(due).order_by(table.c.id).limit(1)
+        .with_for_update(skip_locked=True, key_share=True)
+        .scalar_subquery()
+    )
     return conn.execute(
         update(table)
         .where(table.c.id == oldest)
@@ -265,7 +216,10 @@ def _fail(
     now: datetime,
 ) -> State:
     """Back to pending after an exponential backoff, or failed for good; returns the new state."""
-    attempts = conn.scalar(select(table.c.attempts).where(_held(table, row_id, worker)))
+    # FOR UPDATE: no other worker may reclaim the row between this read and the update.
+    attempts = conn.scalar(
+        select(table.c.attempts).where(_held(table, row_id, worker)).with_for_update(key_share=True)
+    )
     if attempts is None:
         raise _lease_lost(table, row_id, worker)
     if retryable and attempts < max_attempts:
@@ -294,9 +248,13 @@ def _requeue(table: Table, *, now: datetime):
 # --- Study and job operations ---------------------------------------------------------
 
 
-def _touch_study(study_uid: str, now: datetime):
-    """Create the study row, or count one more instance and move its last_received_at."""
-    stmt = sqlite_insert(studies).values(
+def _touch_study(backend_insert, study_uid: str, now: datetime):
+    """Create the study row, or count one more instance and move its last_received_at.
+
+    One INSERT ... ON CONFLICT DO UPDATE (`backend_insert`: the dialect's insert), so two
+    receivers counting instances of one new study at once both count.
+    """
+    stmt = backend_insert(studies).values(
         study_uid=study_uid,
         first_received_at=now,
         last_received_at=now,
@@ -415,7 +373,7 @@ def _delivered_studies(delivered_before: datetime | None):
         (deliveries.c.state != State.DONE, 1),
         else_=0,
     )
-    delivered_at = func.max(
+    delivered_at = greatest(
         func.max(jobs.c.updated_at), func.max(deliveries.c.updated_at), type_=UTCDateTime
     ).label("delivered_at")
     stmt = (
@@ -436,14 +394,16 @@ class Queue:
     """The node's durable queue: instances, studies, analysis jobs and deliveries."""
 
     def __init__(self, database_url: str, *, busy_timeout_seconds: float = BUSY_TIMEOUT_SECONDS):
-        url = make_url(database_url)
-        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-            raise ValueError(f"{database_url!r}: the queue needs a SQLite file (sqlite:///path)")
-        self.path = url.database
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        self._engine = create_engine(url, connect_args={"timeout": busy_timeout_seconds})
-        _configure_sqlite(self._engine, busy_timeout_seconds)
-        self._reader = self._engine.execution_options(**{_READ_ONLY: True})
+        """A queue on `database_url`: a SQLite file, or a PostgreSQL database (see backends.py).
+
+        ValueError for any other URL. `busy_timeout_seconds` bounds how long a write
+        waits for a lock (and, on PostgreSQL, for a connection).
+        """
+        self._backend: Backend = backend_for(make_url(database_url), busy_timeout_seconds)
+        self.dialect = self._backend.name
+        self.path = self._backend.target  # what messages name: the file, or the URL without its password
+        self._engine = self._backend.create_engine()
+        self._reader = self._engine.execution_options(**self._backend.reader_options)
 
     def close(self) -> None:
         """Close pooled connections (call before the process exits or forks)."""
@@ -451,11 +411,11 @@ class Queue:
 
     @contextlib.contextmanager
     def _unavailable_as_queue_error(self):
-        """Raise database trouble as QueueUnavailable (file and kind; no SQL, no values)."""
+        """Raise database trouble as QueueUnavailable (database and kind; no SQL, no values)."""
         try:
             yield
-        except (DBAPIError, sqlite3.Error) as error:
-            kind = _unavailable_kind(error)
+        except Exception as error:
+            kind = self._backend.unavailable_kind(error)
             if kind is None:
                 raise
             # `from None`: the chained driver error quotes the statement and its values.
@@ -463,45 +423,48 @@ class Queue:
 
     @contextlib.contextmanager
     def _write(self):
-        # BEGIN IMMEDIATE ... COMMIT; a failed commit (disk full) is raised here too.
+        # BEGIN IMMEDIATE (SQLite) or BEGIN ... COMMIT; a failed commit (disk full) is raised here too.
         with self._unavailable_as_queue_error(), self._engine.begin() as conn:
             yield conn
 
     @contextlib.contextmanager
     def _read(self):
-        # BEGIN (a consistent WAL snapshot) ... COMMIT
+        # BEGIN (a consistent snapshot) ... COMMIT
         with self._unavailable_as_queue_error(), self._reader.begin() as conn:
             yield conn
 
+    @contextlib.contextmanager
+    def _unusable_as_config_error(self):
+        """Database trouble that waiting will not cure, raised as the backend's ConfigError."""
+        try:
+            yield
+        except QueueUnavailable as error:
+            if error.kind in UNUSABLE_KINDS:
+                raise self._backend.unusable(error.kind) from None
+            raise
+
     def check_database(self) -> None:
-        """Raise ConfigError naming the file and the way out if it is not a usable database.
+        """Raise ConfigError naming the database and the way out if it is not usable.
 
         Called by `migrate`, so every process that opens the queue (serve, the CLI)
-        stops on a corrupt, truncated or unreadable file with one line instead of a
-        traceback or a restart loop. `PRAGMA quick_check` reads every page once (no
-        index cross-checks): fast enough for each start.
+        stops on a corrupt, truncated or unreadable file, a wrong password or a missing
+        database with one line instead of a traceback or a restart loop. A database that
+        is only away (locked, a PostgreSQL server down) raises QueueUnavailable.
+        SQLite: `PRAGMA quick_check`; PostgreSQL: connect and read the schema revision.
         """
-        path = Path(self.path)
-        if path.is_dir():
-            raise _unusable(path, "it is a directory")
-        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-            raise _unusable(path, "permission denied")
-        try:
-            with self._read() as conn:
-                problems = [row[0] for row in conn.exec_driver_sql("PRAGMA quick_check")]
-        except QueueUnavailable as error:
-            if error.kind in _UNUSABLE_KINDS:
-                raise _unusable(path, error.kind) from None
-            raise
-        if problems != ["ok"]:
-            # The messages name pages and indexes; they are not shown (one line is the rule).
-            raise _unusable(path, f"corrupt: quick_check found {len(problems)} problem(s)")
+        from alembic.script import ScriptDirectory
+
+        self._backend.check_before_connecting()
+        known = frozenset(script.revision for script in ScriptDirectory(str(MIGRATIONS)).walk_revisions())
+        with self._unusable_as_config_error(), self._read() as conn:
+            self._backend.check(conn, known_revisions=known)
 
     def migrate(self) -> None:
-        """Check the file, then bring the schema to the newest Alembic revision.
+        """Check the database, then bring the schema to the newest Alembic revision.
 
-        Idempotent and safe from many processes. ConfigError if the file is not a
-        usable SQLite database (see check_database).
+        Idempotent and safe from many processes (SQLite: BEGIN IMMEDIATE; PostgreSQL:
+        an advisory lock; both in the migration's transaction). ConfigError if the
+        database is not usable (see check_database).
         """
         self.check_database()
         # Alembic narrates its imports and every run at INFO; one event of ours says what changed.
@@ -512,16 +475,12 @@ class Queue:
 
         config = AlembicConfig()
         config.set_main_option("script_location", str(MIGRATIONS))
-        try:
-            with self._write() as conn:
-                before = MigrationContext.configure(conn).get_current_revision()
-                config.attributes["connection"] = conn
-                command.upgrade(config, "head")
-                after = MigrationContext.configure(conn).get_current_revision()
-        except QueueUnavailable as error:
-            if error.kind in _UNUSABLE_KINDS:
-                raise _unusable(Path(self.path), error.kind) from None
-            raise
+        with self._unusable_as_config_error(), self._write() as conn:
+            self._backend.lock_for_migration(conn)
+            before = MigrationContext.configure(conn).get_current_revision()
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+            after = MigrationContext.configure(conn).get_current_revision()
         if after != before:
             log.info("schema_migrated", from_revision=before, to_revision=after)
 
@@ -546,24 +505,34 @@ class Queue:
         timestamps: one stored instance, one analysis.
         """
         now = now or utcnow()
-        with self._write() as conn:
-            known = select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)
-            if conn.scalar(known) is not None:
-                return False
-            conn.execute(_touch_study(study_uid, now))
-            conn.execute(
-                insert(instances).values(
-                    sop_instance_uid=sop_instance_uid,
-                    sop_class_uid=sop_class_uid,
-                    study_uid=study_uid,
-                    series_uid=series_uid,
-                    path=str(path),
-                    transfer_syntax=transfer_syntax,
-                    calling_ae=calling_ae,
-                    size_bytes=size_bytes,
-                    received_at=now,
-                )
-            )
+        try:
+            with self._write() as conn:
+                known = select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)
+                if conn.scalar(known) is not None:
+                    return False
+                conn.execute(_touch_study(self._backend.insert, study_uid, now))
+                # ON CONFLICT DO NOTHING: on PostgreSQL another receiver may record the same
+                # instance between the check above and here; then this transaction (with its
+                # study count) is rolled back. On SQLite BEGIN IMMEDIATE rules that out.
+                added = conn.execute(
+                    self._backend.insert(instances).values(
+                        sop_instance_uid=sop_instance_uid,
+                        sop_class_uid=sop_class_uid,
+                        study_uid=study_uid,
+                        series_uid=series_uid,
+                        path=str(path),
+                        transfer_syntax=transfer_syntax,
+                        calling_ae=calling_ae,
+                        size_bytes=size_bytes,
+                        received_at=now,
+                    )
+                    .on_conflict_do_nothing(index_elements=[instances.c.sop_instance_uid])
+                    .returning(instances.c.id)
+                ).scalar()
+                if added is None:
+                    raise _Duplicate
+        except _Duplicate:
+            return False
         return True
 
     def instance_paths(self) -> list[tuple[str, str]]:
@@ -637,6 +606,10 @@ class Queue:
             .where(studies.c.instance_count > studies.c.enqueued_instance_count)
             .where(studies.c.last_received_at <= quiet_since)
             .order_by(studies.c.last_received_at)
+            # A study another scheduler (or a receiver counting an instance) holds is left
+            # to it; once locked, PostgreSQL checks again that the study is still ready,
+            # and no one can count an instance until this transaction commits.
+            .with_for_update(skip_locked=True)
         )
         created = []
         with self._write() as conn:
@@ -809,8 +782,8 @@ class Queue:
         """
         now = now or utcnow()
         with self._write() as conn:
-            count = conn.scalar(
-                select(studies.c.instance_count).where(studies.c.study_uid == study_uid)
+            count = conn.scalar(  # locked: the scheduler must not enqueue the study meanwhile
+                select(studies.c.instance_count).where(studies.c.study_uid == study_uid).with_for_update()
             )
             if not count:
                 return None
@@ -1041,6 +1014,9 @@ class Queue:
         still = _delivered_studies(delivered_before).where(studies.c.study_uid == study_uid)
         study_jobs = select(jobs.c.id).where(jobs.c.study_uid == study_uid)
         with self._write() as conn:
+            # On PostgreSQL the study row's lock stands in for SQLite's write lock: a
+            # receiver counting a new instance of the study waits for the commit.
+            conn.execute(select(studies.c.study_uid).where(studies.c.study_uid == study_uid).with_for_update())
             if conn.execute(still).first() is None:
                 return None
             instance_paths = list(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.config import load_config
 from dicom_node.queue import Job, Queue
 
 from .node_process import NodeProcess, write_config
@@ -52,7 +53,7 @@ class FaultNode:
     def __init__(self, config: Path):
         self.config = config
         self.process = NodeProcess(config)
-        self.queue = Queue(f"sqlite:///{config.parent / 'data' / 'dicom-node.sqlite'}")
+        self.queue = Queue(load_config(config).database_url)
 
     @property
     def port(self) -> int:

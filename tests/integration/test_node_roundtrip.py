@@ -44,10 +44,12 @@ def fixed_boxes_file(folder: Path, boxes) -> Path:
     return path
 
 
-def start_node(tmp_path: Path, orthanc, detector: dict) -> NodeProcess:
+def start_node(tmp_path: Path, orthanc, detector: dict, sections: dict | None = None) -> NodeProcess:
+    """A node delivering to `orthanc`; `sections` adds config sections (e.g. [queue])."""
     config = write_config(
         tmp_path / "node.toml",
         {
+            **(sections or {}),
             "node": {"ae_title": "DICOM_NODE", "host": "127.0.0.1", "port": 0, "data_dir": str(tmp_path / "data")},
             "security": {"allowed_callers": [{"ae_title": "STORESCU"}, {"ae_title": "ORTHANC"}]},
             "study": {"stable_seconds": 1},

@@ -1,7 +1,10 @@
-"""Several processes on one SQLite file, as in the node (SCP, scheduler, workers): no double work.
+"""Several processes on one database, as in the node (SCP, scheduler, workers): no double work.
 
-Each child is a real spawned process with its own Queue (own engine); a barrier
-starts them together so that their transactions really overlap.
+Each child is a real spawned process with its own Queue (own engine, own connections);
+a barrier starts them together so that their transactions really overlap. The tests
+taking `queue` run on SQLite and on PostgreSQL, where they are what the row locks
+(FOR UPDATE SKIP LOCKED, see queue/backends.py) are for: without them, two workers
+claim the same job and two schedulers make the same study's job twice.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import traceback
+from datetime import timedelta
 
 from dicom_node.queue import Queue, State
 from tests.queue.queue_helpers import T0, new_uid, record
@@ -37,7 +41,21 @@ def _migrate(queue: Queue, worker: str) -> list[int]:
     return []
 
 
-OPERATIONS = {"claim": _claim_until_empty, "enqueue": _enqueue_repeatedly, "migrate": _migrate}
+def _reclaim_until_empty(queue: Queue, worker: str) -> list[int]:
+    """Claim (at a time when every lease has run out) until nothing is left."""
+    later = T0 + timedelta(hours=1)
+    claimed = []
+    while (job := queue.claim_next_job(worker=worker, lease_seconds=600, max_attempts=5, now=later)) is not None:
+        claimed.append(job.id)
+    return claimed
+
+
+OPERATIONS = {
+    "claim": _claim_until_empty,
+    "enqueue": _enqueue_repeatedly,
+    "migrate": _migrate,
+    "reclaim": _reclaim_until_empty,
+}
 
 
 def _child(database_url: str, operation: str, worker: str, barrier, results) -> None:
@@ -102,8 +120,26 @@ def test_concurrent_enqueue_creates_one_job_per_study(queue, database_url):
     assert {j.generation for j in jobs} == {1}
 
 
-def test_concurrent_migrations_on_a_fresh_file(tmp_path):
-    database_url = f"sqlite:///{tmp_path / 'fresh' / 'queue.sqlite'}"
+def test_dead_workers_jobs_are_reclaimed_once_each_by_concurrent_workers(queue, database_url):
+    for _ in range(30):
+        record(queue, new_uid(), now=T0)
+    job_ids = queue.enqueue_ready_studies(stable_seconds=0, now=T0)
+    while queue.claim_next_job(worker="dead", lease_seconds=60, now=T0) is not None:
+        pass  # a worker that then died: every lease runs out at T0 + 60 s
+
+    reclaimed = run_in_processes(database_url, "reclaim")
+
+    every_claim = [job_id for ids in reclaimed.values() for job_id in ids]
+    assert sorted(every_claim) == sorted(job_ids)
+    jobs = queue.list_jobs(limit=100)
+    assert {(j.state, j.attempts) for j in jobs} == {(State.RUNNING, 2)}
+    assert all(j.worker in reclaimed and j.id in reclaimed[j.worker] for j in jobs)
+
+
+def test_concurrent_migrations_on_a_fresh_database(request, backend, tmp_path):
+    # SQLite: a file (and folder) not there yet; PostgreSQL: an empty database.
+    database_url = (request.getfixturevalue("postgres_url") if backend == "postgresql"
+                    else f"sqlite:///{tmp_path / 'fresh' / 'queue.sqlite'}")
     run_in_processes(database_url, "migrate")
     queue = Queue(database_url)
     try:

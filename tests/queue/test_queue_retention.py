@@ -1,6 +1,6 @@
 """Retention's queue operations: which studies may go (delivered_studies) and removing one (purge_study).
 
-A real SQLite file per test (tests/queue/conftest.py). "Delivered" means: at least one
+A real SQLite file and a real PostgreSQL database per test (tests/queue/conftest.py). "Delivered" means: at least one
 job, every job done, every job delivered and every delivery done, no instance since
 the last enqueue. Nothing else is ever listed or removed.
 """
@@ -12,7 +12,8 @@ from datetime import timedelta
 
 import pytest
 
-from dicom_node.queue import State
+from dicom_node.errors import QueueUnavailable
+from dicom_node.queue import Queue, State
 from tests.queue.queue_helpers import T0, analyse, deliver, new_uid, record
 
 H = timedelta(hours=1)
@@ -175,6 +176,7 @@ def test_a_study_that_gets_an_instance_after_being_listed_is_not_removed(queue):
     assert row_counts(queue, study_uid) == {"instances": 3, "jobs": 1, "deliveries": 1}
 
 
+@pytest.mark.sqlite_only  # SQLite's one write lock; the study row lock below holds on both
 def test_files_are_removed_while_the_write_lock_is_held(queue, database_url):
     # The SCP commits an instance row in its own BEGIN IMMEDIATE; while the removal deletes
     # files, no other connection can start a write, so none can commit a row for this study.
@@ -197,6 +199,30 @@ def test_files_are_removed_while_the_write_lock_is_held(queue, database_url):
     assert attempts == ["database is locked"]
     # After the commit the lock is free again.
     record(queue, new_uid(), now=T0 + 2 * H)
+
+
+def test_no_instance_of_the_study_is_recorded_while_its_files_are_removed(queue, database_url):
+    # Another process (the SCP) recording a new instance of the study waits for the
+    # removal's commit: past its busy timeout, it answers "later" instead.
+    study_uid = delivered_study(queue, at=T0 + H)
+    scp = Queue(database_url, busy_timeout_seconds=0.2)
+    outcomes = []
+
+    def remove_files(instance_paths, result_paths):
+        try:
+            record(scp, study_uid, now=T0 + 2 * H)
+            outcomes.append("recorded")
+        except QueueUnavailable as error:
+            outcomes.append(error.kind)
+        return len(instance_paths)
+
+    try:
+        assert queue.purge_study(study_uid, remove_files=remove_files) == 2
+        assert outcomes == ["locked by another process"]
+        assert record(scp, study_uid, now=T0 + 2 * H)  # after the commit: a new study row
+    finally:
+        scp.close()
+    assert row_counts(queue, study_uid) == {"instances": 1, "jobs": 0, "deliveries": 0}
 
 
 def test_a_failed_file_removal_keeps_every_row(queue):

@@ -1,8 +1,10 @@
 """Alembic environment for the queue's schema.
 
 `Queue.migrate()` runs the upgrade on its own connection (already inside a
-``BEGIN IMMEDIATE`` transaction, so concurrent migrations serialise) and passes
-it in ``config.attributes["connection"]``; there is no alembic.ini. For
+``BEGIN IMMEDIATE`` transaction on SQLite, or holding an advisory lock on PostgreSQL,
+so concurrent migrations serialise) and passes it in
+``config.attributes["connection"]``; there is no alembic.ini. The migrations are
+written once for both databases. For
 `alembic revision --autogenerate` by hand, set ``sqlalchemy.url`` instead.
 """
 

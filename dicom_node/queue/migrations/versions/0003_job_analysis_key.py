@@ -5,6 +5,7 @@ Revises: 0002
 Create Date: 2026-12-15
 """
 
+import uuid
 from typing import Sequence, Union
 
 import sqlalchemy as sa
@@ -23,7 +24,11 @@ def upgrade() -> None:
     op.add_column("jobs", sa.Column("analysis_key", sa.String(length=32), nullable=True))
     # Existing jobs get a key too. Done jobs keep the result UIDs they recorded; a job
     # not yet done produced nothing delivered, so new UIDs for it break nothing.
-    op.execute("UPDATE jobs SET analysis_key = lower(hex(randomblob(16))) WHERE analysis_key IS NULL")
+    # In Python, as new_analysis_key does (uuid4().hex): the same on SQLite and PostgreSQL.
+    jobs = sa.table("jobs", sa.column("id", sa.Integer), sa.column("analysis_key", sa.String))
+    bind = op.get_bind()
+    for (job_id,) in bind.execute(sa.select(jobs.c.id).where(jobs.c.analysis_key.is_(None))).all():
+        bind.execute(sa.update(jobs).where(jobs.c.id == job_id).values(analysis_key=uuid.uuid4().hex))
 
 
 def downgrade() -> None:
