@@ -46,6 +46,12 @@ def cmd_serve(args) -> int:
     return serve(_load(args))
 
 
+def cmd_worker(args) -> int:
+    from dicom_node.node import work
+
+    return work(_load(args))
+
+
 def cmd_check_config(args) -> int:
     from dicom_node.ops.preflight import check_config
 
@@ -305,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     with_config(sub.add_parser("serve", help="run the node in the foreground")).set_defaults(func=cmd_serve)
+    with_config(sub.add_parser(
+        "worker", help="run only the analysis workers, on a PostgreSQL job table that receivers share",
+    )).set_defaults(func=cmd_worker)
     with_config(sub.add_parser("check-config", help="validate the config and load the detector")).set_defaults(
         func=cmd_check_config)
     status = with_config(sub.add_parser("status", help="node running?, queue depth, oldest pending job, last errors"))

@@ -9,6 +9,7 @@ so the same file works from any working directory (systemd, scripts, tests).
 from __future__ import annotations
 
 import re
+import socket
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -132,6 +133,17 @@ class NodeConfig(_Section):
     # Disk watermark: a C-STORE is refused with Out of Resources (0xA700, the sender
     # retries later) when storing it would leave less than this free under data_dir.
     min_free_megabytes: Annotated[int, Field(ge=0)] = 1024
+    # SO_REUSEPORT: several receiver processes (`serve` with workers.count = 0, one
+    # PostgreSQL queue.url) listen on the same port and the kernel spreads the incoming
+    # connections over them, so ingest uses more than one core. Linux 3.9+, BSDs.
+    reuse_port: bool = False
+
+    @field_validator("reuse_port")
+    @classmethod
+    def _platform_has_reuse_port(cls, value: bool) -> bool:
+        if value and not hasattr(socket, "SO_REUSEPORT"):
+            raise ValueError("this platform has no SO_REUSEPORT: run one receiver per port")
+        return value
 
 
 class CallerConfig(_Section):
@@ -188,7 +200,10 @@ class StudyConfig(_Section):
 
 
 class WorkersConfig(_Section):
-    count: Annotated[int, Field(ge=1, le=64)] = 1
+    # Analysis processes, each with one loaded model. 0 in `serve`: a receiver only (SCP,
+    # scheduler, delivery, retention; no model), with `dicom-node worker` processes
+    # analysing elsewhere through a PostgreSQL queue.url. README "Scaling out".
+    count: Annotated[int, Field(ge=0, le=64)] = 1
     device: Device = "auto"
     lease_seconds: Annotated[float, Field(gt=0)] = 300.0
     max_attempts: Annotated[int, Field(ge=1)] = 3
@@ -388,6 +403,18 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _receiver_needs_a_shared_queue(self) -> "Config":
+        # A receiver's studies are analysed by `dicom-node worker` processes, which need a
+        # job table they can share: on the SQLite default nothing would ever analyse them.
+        if self.workers.count == 0 and not self.shared_queue:
+            raise _invalid(
+                ("workers", "count"), 0, "receiver_without_queue",
+                "0 (a receiver only) needs a PostgreSQL queue.url that `dicom-node worker` "
+                "processes share; with the SQLite default the workers run inside serve (1 or more)",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _metrics_port_of_its_own(self) -> "Config":
         # Two servers cannot listen on one address: say which key, before anything starts.
         metrics = self.metrics
@@ -400,6 +427,12 @@ class Config(_Section):
             if port == metrics.port and (host == metrics.host or {host, metrics.host} & _ANY_ADDRESS):
                 raise _invalid(("metrics", "port"), port, "port_taken", "{port} is also {key}", port=port, key=key)
         return self
+
+    @property
+    def shared_queue(self) -> bool:
+        """Whether the job table is a PostgreSQL server that several processes and hosts
+        may share (one data_dir, many receivers and workers); SQLite is one node's."""
+        return bool(self.queue.url and self.queue.url.startswith("postgresql"))
 
     @property
     def database_url(self) -> str:

@@ -1,6 +1,11 @@
-"""`dicom-node serve`: the SCP, the analysis workers, the scheduler and the delivery loop.
+"""`dicom-node serve` and `dicom-node worker`: the processes of a node, composed.
 
-Process layout:
+Roles: `serve` runs everything below; with ``workers.count = 0`` it is a receiver (no
+model is loaded, not even imported). `dicom-node worker` runs only the analysis workers
+(`run_workers`). With a PostgreSQL queue.url any number of both share one data_dir, on
+one host or several (dicom_node.ops.runlock; README "Scaling out").
+
+Process layout of `serve`:
 - main process: the Storage SCP (pynetdicom threads), a scheduler thread that turns
   stable studies into jobs and supervises workers, a delivery thread (C-STORE SCU), a
   retention thread (removes delivered studies, dicom_node.ops.retention), and the
@@ -20,8 +25,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from dicom_node.config import Config
 from dicom_node.analyse.pool import WorkerPool
+from dicom_node.config import Config
 from dicom_node.errors import QueueUnavailable
 from dicom_node.log import describe_error, get_logger, say_to_operator
 from dicom_node.queue.outage import Outage
@@ -30,6 +35,9 @@ from dicom_node.systemd import sd_notify
 log = get_logger("dicom_node.node")
 
 SHUTDOWN_GRACE_SECONDS = 60
+# How often a process of a shared deployment looks for dead processes' spool areas (and
+# so their leases): a flock attempt per process, cheap even on NFS.
+SWEEP_EVERY_SECONDS = 15.0
 
 
 class Node:
@@ -59,19 +67,23 @@ class Node:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
-    def _wait_for_stop(self) -> None:
+    def _wait_for_stop(self, timeout: float | None = None) -> None:
+        """Until stopped (or `timeout` seconds have passed)."""
         # A timeout, never a bare wait(): a process-directed signal may be taken by another
         # thread, which does not interrupt a main thread blocked on a lock; Python runs the
         # handler only once the main thread runs bytecode again. Seen: SIGTERM ignored for
         # good after READY=1.
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self._stop.wait(0.2):
             if self._signalled is not None:
                 log.info("signal_received", signal=signal.Signals(self._signalled).name)
                 self._stop.set()
+            if deadline is not None and time.monotonic() >= deadline:
+                return
 
-    def _scheduler(self, queue, pool: WorkerPool) -> None:
+    def _scheduler(self, queue, pool: WorkerPool, area) -> None:
         watchdog_every = 10.0
-        last_watchdog = 0.0
+        last_watchdog = last_sweep = 0.0
         outage, retry_at = Outage("scheduler"), 0.0
         # The SCP started listening just before this thread: quiet time counts from now.
         listening_since = datetime.now(timezone.utc)
@@ -84,6 +96,9 @@ class Node:
                         log.info("job_enqueued", job_id=job_id)
                     outage.ok()
                 pool.replace_dead(queue)
+                if self.config.shared_queue and time.monotonic() - last_sweep > SWEEP_EVERY_SECONDS:
+                    last_sweep = time.monotonic()
+                    _reclaim(self.config, queue, area)
             except QueueUnavailable as error:  # logged once per outage; tried again after a pause
                 retry_at = time.monotonic() + outage.failed(error)
             except Exception as error:  # keep scheduling; the database may be busy for a moment
@@ -96,37 +111,42 @@ class Node:
         from dicom_node.deliver.runner import run_deliveries
         from dicom_node.ops.health import liveness, start_health_server
         from dicom_node.ops.metrics import prepare_metrics, start_metrics_server
-        from dicom_node.ops.preflight import check_data_dir
         from dicom_node.ops.retention import run_retention
-        from dicom_node.ops.runlock import RunLock
         from dicom_node.ops.state import StateWriter
         from dicom_node.ops.status import start_line
         from dicom_node.queue.ops import Queue, busy_timeout_for_peer
         from dicom_node.receive import start_scp
         from dicom_node.receive.access import check_access_config
-        from dicom_node.store import InstanceStore, reconcile
+        from dicom_node.store import reconcile
         from dicom_node.tls import check_tls
 
         config = self.config
-        check_data_dir(config.node.data_dir)  # created and writable, or a config error naming it
-        run_lock = RunLock(config.node.data_dir).acquire()  # one node per data_dir; read by `status`
+        run_lock, area, store = _claim_data_dir(config)
         check_tls(config)  # a missing or bad TLS file stops the node before any worker starts
         check_access_config(config)
-        store = InstanceStore(config.node.data_dir, fsync=config.node.fsync)
         queue = Queue(config.database_url)
         queue.migrate()
-        # Before the SCP listens: temp files, rows without files, files without rows.
+        # Dead processes' spool areas and leases first (shared), then, before the SCP
+        # listens: temp files, rows without files, files without rows.
+        dead, abandoned = _reclaim(config, queue, area)
         reconciled = reconcile(store, queue, destinations=[d.name for d in config.destinations])
-        # We hold the run lock, so whatever is still running was a crashed node's.
-        abandoned = queue.expire_leases()
+        if not config.shared_queue:
+            # We hold the run lock alone, so whatever is still running was a crashed node's.
+            abandoned = queue.expire_leases()
         log.info("node_starting", data_dir=str(config.node.data_dir), database=queue.path,
-                 orphan_temp_files_removed=reconciled.temp_files_removed,
+                 owner=area.owner, orphan_temp_files_removed=reconciled.temp_files_removed + len(dead),
                  instances_missing=len(reconciled.missing), instances_recorded=len(reconciled.recorded),
                  abandoned_leases_expired=abandoned,
                  architecture=config.detector.architecture, workers=config.workers.count)
-        prepare_metrics(config)  # before the workers start: they count into its directory
-        pool = WorkerPool(config)
-        pool.start()
+        # Before the workers start: they count into its directory.
+        prepare_metrics(config, area.path / "metrics" if config.shared_queue else None)
+        pool = WorkerPool(config, owner=area.owner, tmp_dir=area.path)
+        try:
+            pool.start()
+        except BaseException:
+            area.release()
+            run_lock.release()
+            raise
         try:
             # The SCP's own queue waits for the write lock a short while only: its sender
             # must get 0xA700 (retry later) before giving up on the association.
@@ -142,11 +162,13 @@ class Node:
             if self.server is not None:
                 self.server.shutdown()
             pool.stop()
+            area.release()
             run_lock.release()
             raise
         threads = [
-            threading.Thread(target=self._scheduler, args=(queue, pool), name="scheduler", daemon=True),
-            threading.Thread(target=run_deliveries, args=(queue, config, self._stop), name="deliver", daemon=True),
+            threading.Thread(target=self._scheduler, args=(queue, pool, area), name="scheduler", daemon=True),
+            threading.Thread(target=run_deliveries, args=(queue, config, self._stop), name="deliver", daemon=True,
+                             kwargs={"worker": f"{area.owner}/deliver", "store": store}),
             threading.Thread(target=run_retention, args=(queue, config, self._stop), name="retention", daemon=True),
         ]
         for thread in threads:
@@ -171,8 +193,64 @@ class Node:
             if endpoint:
                 endpoint.stop()
         state.stop()
+        area.release()
         run_lock.release()
         log.info("node_stopped")
+        return 0
+
+    def run_workers(self) -> int:
+        """`dicom-node worker`: workers.count analysis processes and nothing else.
+
+        No SCP, scheduler or delivery: it claims jobs from the shared PostgreSQL job
+        table that receivers fill, reads their instances from and writes results to the
+        shared data_dir. Stops like serve: SIGTERM lets each worker finish the job in hand.
+        """
+        from dicom_node.ops.metrics import prepare_metrics, start_metrics_server
+        from dicom_node.queue.ops import Queue
+
+        config = self.config
+        run_lock, area, _store = _claim_data_dir(config)
+        queue = Queue(config.database_url)
+        queue.migrate()
+        dead, abandoned = _reclaim(config, queue, area)
+        log.info("workers_starting", data_dir=str(config.node.data_dir), database=queue.path, owner=area.owner,
+                 orphan_spool_areas_removed=len(dead), abandoned_leases_expired=abandoned,
+                 architecture=config.detector.architecture, workers=config.workers.count)
+        prepare_metrics(config, area.path / "metrics")
+        pool = WorkerPool(config, owner=area.owner, tmp_dir=area.path)
+        try:
+            pool.start()
+            metrics = start_metrics_server(config, queue=queue, scp=None)  # None: off
+        except BaseException:
+            pool.stop()
+            area.release()
+            run_lock.release()
+            raise
+        log.info("workers_ready", workers=config.workers.count)
+        sd_notify("READY=1")
+        last_watchdog = last_sweep = time.monotonic()
+        while not self._stop.is_set():
+            self._wait_for_stop(timeout=0.5)
+            try:
+                pool.replace_dead(queue)
+                if time.monotonic() - last_sweep > SWEEP_EVERY_SECONDS:
+                    last_sweep = time.monotonic()
+                    _reclaim(config, queue, area)
+            except QueueUnavailable:
+                pass  # the workers report the outage; their jobs are reclaimed after their leases
+            except Exception as error:
+                log.error("supervisor_error", error=describe_error(error))
+            if time.monotonic() - last_watchdog > 10.0:
+                sd_notify("WATCHDOG=1")
+                last_watchdog = time.monotonic()
+        sd_notify("STOPPING=1")
+        log.info("workers_stopping")
+        pool.stop()  # each worker finishes the job in hand
+        if metrics:
+            metrics.stop()
+        area.release()
+        run_lock.release()
+        log.info("workers_stopped")
         return 0
 
     def _stop_scp(self) -> None:
@@ -186,6 +264,40 @@ class Node:
             association.abort()  # unacknowledged instances: the sender will send them again
 
 
+def _claim_data_dir(config: Config):
+    """(run lock, spool area, store) of this process on node.data_dir, or a ConfigError.
+
+    SQLite: this node alone on data_dir (an exclusive run lock). PostgreSQL: shared with
+    every other receiver and worker using it; each process writes temp files only in its
+    own spool area, so a starting process never removes a live one's.
+    """
+    from dicom_node.ops.preflight import check_data_dir
+    from dicom_node.ops.runlock import RunLock
+    from dicom_node.store import InstanceStore, SpoolArea
+
+    check_data_dir(config.node.data_dir)  # created and writable, or a config error naming it
+    run_lock = RunLock(config.node.data_dir, shared=config.shared_queue).acquire()  # read by `status`
+    try:
+        area = SpoolArea(config.node.data_dir).acquire()
+    except BaseException:
+        run_lock.release()
+        raise
+    return run_lock, area, InstanceStore(config.node.data_dir, fsync=config.node.fsync, tmp_dir=area.path)
+
+
+def _reclaim(config: Config, queue, area) -> tuple[list[str], int]:
+    """Dead processes' spool areas removed and, on a shared job table, their leases ended."""
+    from dicom_node.ops.runlock import reclaim_dead_processes
+    from dicom_node.store import sweep_spool_areas
+
+    if not config.shared_queue:  # alone on data_dir: reconcile empties tmp/, all leases end
+        return sweep_spool_areas(config.node.data_dir, keep=area.path), 0
+    dead, ended = reclaim_dead_processes(config.node.data_dir, queue, keep=area.path)
+    if ended:
+        log.warning("dead_process_leases_expired", owners=dead, leases=ended)
+    return dead, ended
+
+
 def serve(config: Config) -> int:
     from dicom_node.log import capture_stray_output
 
@@ -193,3 +305,21 @@ def serve(config: Config) -> int:
     node = Node(config)
     node.handle_signals()
     return node.run()
+
+
+def work(config: Config) -> int:
+    """`dicom-node worker`: the analysis workers only (see Node.run_workers)."""
+    from dicom_node.errors import ConfigError
+    from dicom_node.log import capture_stray_output
+
+    if config.workers.count == 0:
+        raise ConfigError("workers.count: 0 workers to run; `dicom-node worker` needs 1 or more")
+    if not config.shared_queue:
+        raise ConfigError(
+            "queue.url: `dicom-node worker` needs a PostgreSQL job table that the receivers share; "
+            "with the SQLite default the workers run inside `dicom-node serve` (workers.count)"
+        )
+    capture_stray_output()
+    node = Node(config)
+    node.handle_signals()
+    return node.run_workers()

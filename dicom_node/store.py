@@ -6,6 +6,8 @@ Layout under ``data_dir`` (one filesystem, so ``os.replace`` is atomic)::
     results/<name>
     results/delivered/<study uid>.json   the delivered-results ledger (see below)
     tmp/            files being written; anything left here after a crash is garbage
+    tmp/<owner>/    the same, of one process (`SpoolArea`): several processes (receivers,
+                    workers, on one host or several) may share data_dir
 
 A file reaches its final name only after its bytes are on disk: it is written
 under tmp/, fsynced, renamed into place with ``os.replace``, and the directory
@@ -27,12 +29,16 @@ a second result).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -103,16 +109,19 @@ def free_bytes(path: Path) -> int:
 class InstanceStore:
     """The node's files under ``data_dir``; see the module docstring for the layout."""
 
-    def __init__(self, data_dir: Path, *, fsync: bool = True):
+    def __init__(self, data_dir: Path, *, fsync: bool = True, tmp_dir: Path | None = None):
         self.data_dir = Path(data_dir)
         self.fsync = fsync
+        # Where this process writes temp files: its SpoolArea's folder when it shares
+        # data_dir with other processes, tmp/ itself otherwise (a tool, a test).
+        self._tmp_dir = Path(tmp_dir) if tmp_dir is not None else None
         # Two associations may deliver the same SOP Instance at once; the check for
         # an existing file and the rename must not interleave (first one wins).
         self._rename_lock = threading.Lock()
         # Bytes about to be written by associations of this process (see `reserve`).
         self._reserved = 0
         self._reserved_lock = threading.Lock()
-        for folder in (self.instances_dir, self.results_dir, self.tmp_dir):
+        for folder in (self.instances_dir, self.results_dir, self.data_dir / TMP_DIR, self.tmp_dir):
             self._make_dirs(folder)
 
     @property
@@ -125,7 +134,7 @@ class InstanceStore:
 
     @property
     def tmp_dir(self) -> Path:
-        return self.data_dir / "tmp"
+        return self._tmp_dir or self.data_dir / TMP_DIR
 
     @property
     def ledger_dir(self) -> Path:
@@ -373,16 +382,29 @@ class InstanceStore:
                             yield Path(entry.path)
 
     def remove_orphan_temp_files(self) -> int:
-        """Delete what a crash left in tmp/; call at startup only. Returns the count."""
-        removed = 0
-        for entry in self.tmp_dir.iterdir():
+        """Delete what crashed processes left in tmp/; call at startup. Returns the count.
+
+        Left alone: this store's own folder and the `SpoolArea` of every live process
+        (its lock is held). Everything else in tmp/ is a dead process's: its area (see
+        `sweep_spool_areas`) or a file written before the spool areas existed.
+        """
+        removed = len(sweep_spool_areas(self.data_dir, keep=self.tmp_dir))
+        top = self.data_dir / TMP_DIR
+        entries = list(top.iterdir())
+        # Listed after the entries: an area's lock is made before its folder, so a live
+        # area in `entries` has its lock here (the dead ones' were swept just above).
+        live = {lock.name[: -len(AREA_LOCK_SUFFIX)] for lock in top.glob(f"*{AREA_LOCK_SUFFIX}")}
+        live.add(self.tmp_dir.name)
+        for entry in entries:
+            if entry.name in live or entry.name.endswith(AREA_LOCK_SUFFIX):
+                continue  # a live area or a lock (a dead one's was swept above)
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
             removed += 1
         if removed:
-            log.info("orphan_temp_files_removed", count=removed, tmp_dir=str(self.tmp_dir))
+            log.info("orphan_temp_files_removed", count=removed, tmp_dir=str(top))
         return removed
 
     def _make_dirs(self, folder: Path) -> None:
@@ -412,6 +434,126 @@ class InstanceStore:
         # The rename is durable only once the directory entry is on disk.
         if self.fsync:
             fsync_directory(path)
+
+
+# --------------------------------------------------------------------------- spool areas
+
+TMP_DIR = "tmp"
+AREA_LOCK_SUFFIX = ".lock"
+AREA_LOCK_WAIT_SECONDS = 2.0
+
+
+def process_owner() -> str:
+    """This process's name among every process sharing data_dir: ``<host>-<pid>``.
+
+    The host name keeps two hosts' pids apart on a shared data_dir (and in the job
+    table, where worker ids start with it); only letters, digits, '.', '-' are kept.
+    """
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
+    return f"{host[:64]}-{os.getpid()}"
+
+
+def _lock_path(top: Path, owner: str) -> Path:
+    return top / f"{owner}{AREA_LOCK_SUFFIX}"
+
+
+def _lock_if_free(path: Path, *, create: bool) -> int | None:
+    """An fd holding an exclusive flock on `path`, or None when another process holds it.
+
+    None as well when `path` was removed or replaced meanwhile (a sweeper deleted a dead
+    area's lock between our open and our flock): the lock we hold would then guard nothing.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    try:
+        same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:
+        os.close(fd)
+        return None
+    return fd
+
+
+class SpoolArea:
+    """``data_dir/tmp/<owner>/``: one process's temp files, guarded by ``tmp/<owner>.lock``.
+
+    The process holds an flock on the lock file for its whole life; the kernel drops it
+    when the process ends, even on SIGKILL (on NFSv4 and CephFS the lock is the server's,
+    so a dead host's lock is dropped once its lease runs out). A starting process removes
+    only the areas whose lock it can take: their owner is dead, so nothing it removes is
+    being written (an unacknowledged C-STORE, a result being built). The lock file comes
+    first and the folder second, so a folder never exists unguarded by a live owner.
+    Workers spawned by the owner write here too; they die with it (PR_SET_PDEATHSIG).
+    """
+
+    def __init__(self, data_dir: Path, owner: str | None = None):
+        self.owner = owner or process_owner()
+        self.top = Path(data_dir) / TMP_DIR
+        self.path = self.top / self.owner
+        self._fd: int | None = None
+
+    def acquire(self) -> SpoolArea:
+        self.top.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + AREA_LOCK_WAIT_SECONDS
+        # Taken only for a moment: by a sweeper that found a dead namesake (it then
+        # removes that lock file, and we make a new one).
+        while (fd := _lock_if_free(_lock_path(self.top, self.owner), create=True)) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"spool area {self.path} is held by another process")
+            time.sleep(0.05)
+        self._fd = fd
+        # A dead process of the same name (a pid reused after a restart, in a container):
+        # what it left is garbage like any dead area's.
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir()
+        fsync_directory(self.top)
+        return self
+
+    def release(self) -> None:
+        """Remove the folder and its lock (a clean stop); the lock itself drops last."""
+        if self._fd is None:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        _lock_path(self.top, self.owner).unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+
+def sweep_spool_areas(data_dir: Path, *, keep: Path | None = None) -> list[str]:
+    """Remove the spool areas of dead processes; returns their owners (see `SpoolArea`).
+
+    The caller also ends the dead owners' leases (Queue.expire_leases(owners=...)): their
+    worker ids start with the owner, and a dead process's job is then claimed again at
+    once instead of after its lease.
+    """
+    top = Path(data_dir) / TMP_DIR
+    dead = []
+    for lock in sorted(top.glob(f"*{AREA_LOCK_SUFFIX}")):
+        owner = lock.name[: -len(AREA_LOCK_SUFFIX)]
+        if keep is not None and (top / owner) == Path(keep):
+            continue
+        fd = _lock_if_free(lock, create=False)
+        if fd is None:
+            continue  # alive (or swept by another process meanwhile)
+        try:
+            shutil.rmtree(top / owner, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+        dead.append(owner)
+    if dead:
+        log.info("dead_spool_areas_removed", owners=dead)
+    return dead
 
 
 def _subdirs(folder: Path) -> Iterator[Path]:

@@ -264,3 +264,20 @@ def test_a_postgresql_queue_that_does_not_answer_or_does_not_exist_stops_the_sta
         assert failure_message(last).startswith(line), (command, result.stderr)
         assert "s3cret-pw" not in result.stdout + result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ("[workers]\ncount = 0\n[queue]\nurl = 'postgresql://dn@127.0.0.1:1/dn'\n",
+         "workers.count: 0 workers to run; `dicom-node worker` needs 1 or more"),
+        ("", "queue.url: `dicom-node worker` needs a PostgreSQL job table that the receivers share"),
+    ],
+)
+def test_worker_without_workers_or_on_sqlite_is_a_config_error(tmp_path, sections, message):
+    config = tmp_path / "node.toml"
+    config.write_text(f"[node]\ndata_dir = 'data'\n{sections}")
+    result = run_cli("worker", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

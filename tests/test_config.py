@@ -141,3 +141,21 @@ def test_queue_url_defaults_to_the_sqlite_file_in_data_dir_and_takes_postgresql(
         "sqlite:////etc/dicom-node/q/jobs.sqlite")  # relative, like every path: to the config's folder
     postgresql = parse_config({"queue": {"url": "postgresql://node@db.example/dicom"}}, base_dir=base)
     assert postgresql.database_url == "postgresql+psycopg://node@db.example/dicom"  # the driver we ship
+
+
+def test_a_receiver_without_workers_needs_a_shared_job_table():
+    with pytest.raises(ConfigError, match="workers.count: 0 \\(a receiver only\\) needs a PostgreSQL queue.url"):
+        parse_config({"workers": {"count": 0}}, base_dir=Path("."))
+    receiver = parse_config({"workers": {"count": 0}, "queue": {"url": "postgresql://dn@db/dn"}}, base_dir=Path("."))
+    assert (receiver.workers.count, receiver.shared_queue) == (0, True)
+    assert not parse_config({}, base_dir=Path(".")).shared_queue
+
+
+def test_reuse_port_is_refused_where_the_platform_has_no_so_reuseport(monkeypatch):
+    import socket
+
+    assert parse_config({"node": {"reuse_port": True}}, base_dir=Path(".")).node.reuse_port
+    monkeypatch.delattr(socket, "SO_REUSEPORT")
+    with pytest.raises(ConfigError, match="node.reuse_port: .*no SO_REUSEPORT"):
+        parse_config({"node": {"reuse_port": True}}, base_dir=Path("."))
+    assert not parse_config({}, base_dir=Path(".")).node.reuse_port

@@ -180,3 +180,49 @@ def test_temp_path_is_removed_unless_moved(store):
     with store.temp_path() as path:
         assert path.parent == store.tmp_dir and path.exists()
     assert not path.exists()
+
+
+def _hold_spool_area(data_dir, owner: str, *, then: str):
+    """A process that takes `owner`'s spool area, writes a temp file in it, and then either
+    sleeps ("live") or dies without releasing it ("dead", as a SIGKILL leaves it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, time; from dicom_node.store import SpoolArea; "
+        f"area = SpoolArea({str(data_dir)!r}, {owner!r}).acquire(); "
+        "(area.path / 'tmpspool.dcm').write_bytes(b'half an instance'); print('held', flush=True); "
+        + ("time.sleep(120)" if then == "live" else "os._exit(0)")
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_starting_process_removes_dead_processes_temp_files_and_never_a_live_ones(tmp_path):
+    from dicom_node.store import SpoolArea, sweep_spool_areas
+
+    data = tmp_path / "data"
+    live = _hold_spool_area(data, "hosta-11", then="live")
+    try:
+        _hold_spool_area(data, "hostb-22", then="dead").wait()
+        (data / "tmp" / "tmpold.dcm").write_bytes(b"from before spool areas")
+        own = SpoolArea(data, "hostc-33").acquire()
+        store = InstanceStore(data, tmp_dir=own.path)
+
+        assert store.remove_orphan_temp_files() == 2  # the dead area and the old file
+        assert (data / "tmp" / "hosta-11" / "tmpspool.dcm").exists()  # its owner may still acknowledge it
+        assert not (data / "tmp" / "hostb-22").exists()
+        assert not (data / "tmp" / "hostb-22.lock").exists()
+        assert not (data / "tmp" / "tmpold.dcm").exists()
+        assert own.path.is_dir() and store.tmp_dir == own.path
+
+        live.kill()
+        live.wait()
+        assert sweep_spool_areas(data, keep=own.path) == ["hosta-11"]  # dead now
+        assert sorted(p.name for p in (data / "tmp").iterdir()) == ["hostc-33", "hostc-33.lock"]
+        own.release()
+        assert list((data / "tmp").iterdir()) == []
+    finally:
+        live.kill()
+        live.wait()

@@ -12,6 +12,7 @@ import queue as stdlib_queue
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dicom_node import metrics
 from dicom_node.config import Config
@@ -67,6 +68,11 @@ class WorkerPool:
     """Worker processes, replaced when one dies unexpectedly."""
 
     config: Config
+    # The owning process's name (store.process_owner): worker ids in the job table are
+    # "<owner>/worker-N", unique across the hosts sharing it, and tell which process a
+    # lease belongs to. None: the bare process names (tests).
+    owner: str | None = None
+    tmp_dir: Path | None = None  # the owner's spool area, where the workers' temp files go
     context: multiprocessing.context.SpawnContext = field(
         default_factory=lambda: multiprocessing.get_context("spawn")
     )
@@ -85,12 +91,17 @@ class WorkerPool:
         process = self.context.Process(
             target=worker_main,
             args=(self.config, name, self.stop_event, self.ready_queue),
+            kwargs={"worker_id": self.worker_id(name), "tmp_dir": self.tmp_dir},
             name=name,
             daemon=False,
         )
         process.start()
         self.processes[name] = process
         self.started_at[name] = time.monotonic()
+
+    def worker_id(self, name: str) -> str:
+        """The worker's id in the job table (see `owner`)."""
+        return f"{self.owner}/{name}" if self.owner else name
 
     def start(self) -> None:
         """Start every worker and wait until each has loaded its model (or failed to)."""
@@ -149,7 +160,7 @@ class WorkerPool:
             return  # its job is reclaimed when the lease expires
         # Before the replacement (same name) starts: only the dead process's jobs match.
         held = queue.fail_running_jobs_of(
-            name,
+            self.worker_id(name),
             error=f"worker {name} died ({cause}) while analysing this study",
             backoff_seconds=self.config.workers.retry_backoff_seconds,
             max_attempts=self.config.workers.max_attempts,

@@ -289,7 +289,10 @@ def _die_with_parent() -> None:
         pass  # not Linux/glibc: the parent-pid check in the loop still stops the worker
 
 
-def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds: float = 0.5) -> None:
+def worker_main(
+    config: Config, name: str, stop_event, ready_queue, poll_seconds: float = 0.5, *,
+    worker_id: str | None = None, tmp_dir=None,
+) -> None:
     """Entry point of a worker process (spawned: it inherits none of the parent's settings).
 
     Everything it prints is a log event (dicom_node.log, dicom_node.libraries), and it
@@ -297,7 +300,8 @@ def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds
     traceback of an exception that escapes the target, whose last line is the exception's
     message (a library's message can quote dataset values). Such an exception is logged
     as `worker_crashed` with its type and raise site, and the process exits with status 1
-    (the pool logs worker_died and replaces it).
+    (the pool logs worker_died and replaces it). `worker_id`: its id in the job table
+    (default `name`); `tmp_dir`: where its temp files go (its pool owner's spool area).
     """
     from dicom_node.libraries import configure_libraries
     from dicom_node.log import capture_stray_output, configure_logging
@@ -306,7 +310,8 @@ def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds
     configure_libraries()
     stray_output = capture_stray_output(native=True)  # C decoders write to fd 2 themselves
     try:
-        _run_worker(config, name, stop_event, ready_queue, poll_seconds)
+        _run_worker(config, name, stop_event, ready_queue, poll_seconds, worker_id=worker_id or name,
+                    tmp_dir=tmp_dir)
     except SystemExit:
         raise
     except BaseException as error:
@@ -316,7 +321,9 @@ def worker_main(config: Config, name: str, stop_event, ready_queue, poll_seconds
         stray_output.close()
 
 
-def _run_worker(config: Config, name: str, stop_event, ready_queue, poll_seconds: float) -> None:
+def _run_worker(
+    config: Config, name: str, stop_event, ready_queue, poll_seconds: float, *, worker_id: str, tmp_dir
+) -> None:
     """Load the model once, then claim jobs until told to stop."""
     from dicom_node.errors import CheckpointError
     from dicom_node.model.detector import load_detector
@@ -340,16 +347,16 @@ def _run_worker(config: Config, name: str, stop_event, ready_queue, poll_seconds
         ready_queue.put((name, "error", describe_error(error)))
         return
     queue = Queue(config.database_url)
-    store = InstanceStore(config.node.data_dir, fsync=config.node.fsync)
+    store = InstanceStore(config.node.data_dir, fsync=config.node.fsync, tmp_dir=tmp_dir)
     worker_log.info(
-        "worker_ready", pid=os.getpid(), device=device, architecture=detector.architecture
+        "worker_ready", pid=os.getpid(), device=device, architecture=detector.architecture, worker_id=worker_id
     )
     ready_queue.put((name, "ready", device))
     outage = Outage("worker", logger=worker_log)
     while not stop_event.is_set() and os.getppid() == parent_pid:
         try:
             job = queue.claim_next_job(
-                worker=name, lease_seconds=config.workers.lease_seconds, max_attempts=config.workers.max_attempts
+                worker=worker_id, lease_seconds=config.workers.lease_seconds, max_attempts=config.workers.max_attempts
             )
         except QueueUnavailable as error:
             stop_event.wait(outage.failed(error))  # logged once per outage; growing pauses
@@ -359,7 +366,7 @@ def _run_worker(config: Config, name: str, stop_event, ready_queue, poll_seconds
             stop_event.wait(poll_seconds)
             continue
         process_job(
-            job, queue=queue, store=store, detector=detector, config=config, worker=name,
+            job, queue=queue, store=store, detector=detector, config=config, worker=worker_id,
             outage=outage, stop=stop_event,
         )
     worker_log.info("worker_stopped")

@@ -94,13 +94,20 @@ def _note_delivered(store: InstanceStore, delivery, delivery_log) -> None:
 
 
 
-def run_deliveries(queue, config: Config, stop: threading.Event) -> None:
-    """Deliver until `stop` is set; the main thread of `serve` runs this in a thread."""
-    store = InstanceStore(config.node.data_dir, fsync=config.node.fsync)
+def run_deliveries(
+    queue, config: Config, stop: threading.Event, *, worker: str = "deliver", store: InstanceStore | None = None
+) -> None:
+    """Deliver until `stop` is set; the main thread of `serve` runs this in a thread.
+
+    `worker`: the id its delivery leases are held under, unique per process when several
+    receivers share the job table ("<owner>/deliver"): a receiver whose lease ran out must
+    not complete a delivery another receiver has claimed since.
+    """
+    store = store or InstanceStore(config.node.data_dir, fsync=config.node.fsync)
     outage = Outage("deliver")
     while not stop.is_set():
         try:
-            if not deliver_once(queue, config, store=store, outage=outage, stop=stop):
+            if not deliver_once(queue, config, worker=worker, store=store, outage=outage, stop=stop):
                 stop.wait(IDLE_POLL_SECONDS)
             outage.ok()
         except QueueUnavailable as error:  # logged once per outage, tried again after a pause

@@ -109,7 +109,7 @@ def _live_problems(live: Liveness, limits: HealthLimits) -> list[str]:
     problems = []
     if not live.scp_listening:
         problems.append("the DICOM SCP is not listening")
-    if live.workers_alive == 0:
+    if live.workers_alive == 0 and live.workers_expected > 0:  # 0 expected: a receiver only
         problems.append("no worker process is alive")
     if live.refused_recently:
         problems.append(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shutil
 from http import HTTPStatus
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
@@ -41,13 +42,15 @@ METRICS_PATH = "/metrics"
 METRICS_DIR = "metrics"  # under node.data_dir: the processes' value files
 
 
-def prepare_metrics(config: Config) -> None:
-    """Where this process and the workers it spawns from now on count: data_dir/metrics,
-    emptied, when metrics are enabled; memory otherwise. Call before the workers start."""
+def prepare_metrics(config: Config, directory: Path | None = None) -> None:
+    """Where this process and the workers it spawns from now on count: `directory`
+    (default data_dir/metrics), emptied, when metrics are enabled; memory otherwise. Call
+    before the workers start. Processes sharing data_dir (PostgreSQL) each pass their own,
+    under their spool area (store.SpoolArea), so each /metrics serves that process's values."""
     if not config.metrics.enabled:
         use_directory(None)
         return
-    directory = config.node.data_dir / METRICS_DIR
+    directory = directory or config.node.data_dir / METRICS_DIR
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir()
     use_directory(directory)

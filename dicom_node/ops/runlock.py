@@ -1,4 +1,14 @@
-"""``data_dir/dicom-node.lock``: one node per data directory, and how `status` knows it runs."""
+"""``data_dir/dicom-node.lock``: who may run on a data directory, and how `status` knows one runs.
+
+With the SQLite job table (the default) one node runs per data_dir: it holds the lock
+exclusively, and at start whatever is left `running` in its database is a crashed node's.
+SQLite is not safe on a shared filesystem (its locks are not), nor from several hosts.
+
+With PostgreSQL (``queue.url``) any number of receivers and workers, on one host or
+several, share the data_dir: each holds the lock shared (a SQLite node on the same
+data_dir is refused, and refuses them), and each has its own spool area (store.SpoolArea);
+a starting process reclaims only what dead processes left (`reclaim_dead_processes`).
+"""
 
 from __future__ import annotations
 
@@ -18,20 +28,22 @@ class RunLock:
     """``data_dir/dicom-node.lock``: held (flock) by the running node, holding its pid.
 
     The kernel drops the lock when the process ends, even on SIGKILL, so a stale
-    file never claims a dead node is running.
+    file never claims a dead node is running. `shared`: held by every process of a
+    PostgreSQL deployment at once (the file then names no pid).
     """
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, *, shared: bool = False):
         self.path = Path(data_dir) / LOCK_NAME
+        self.shared = shared
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
-        """Take the lock; ConfigError when another node runs on this data_dir."""
+        """Take the lock; ConfigError when a node that excludes this one runs on this data_dir."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() < deadline:
@@ -40,10 +52,13 @@ class RunLock:
                 pid = _read_pid(fd)
                 os.close(fd)
                 raise ConfigError(
-                    f"node.data_dir: another dicom-node (pid {pid or '?'}) is running on {self.path.parent}"
+                    f"node.data_dir: another dicom-node (pid {pid or '?'}) is running on {self.path.parent}; "
+                    "several processes may share a data_dir only when all of them use one PostgreSQL "
+                    "queue.url (SQLite allows one node per data_dir)"
                 ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
 
@@ -61,15 +76,20 @@ def _read_pid(fd: int) -> int | None:
 
 
 def running_node_pid(data_dir: Path) -> int | None:
-    """The pid of the node running on `data_dir` (0 if unknown), or None when none runs."""
+    """The pid of the node running on `data_dir` (0 if unknown: shared holders name none),
+    or None when none runs."""
     path = Path(data_dir) / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # Exclusive, so that shared holders (a PostgreSQL deployment) count too; NFS
+        # emulates flock with a write lock there, which needs the file open for writing.
+        fd, probe = os.open(path, os.O_RDWR), fcntl.LOCK_EX
+    except PermissionError:  # another user's node: only an exclusive holder shows
+        fd, probe = os.open(path, os.O_RDONLY), fcntl.LOCK_SH
     except FileNotFoundError:
         return None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, probe | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
@@ -78,3 +98,17 @@ def running_node_pid(data_dir: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def reclaim_dead_processes(data_dir: Path, queue, *, keep: Path | None = None) -> tuple[list[str], int]:
+    """Remove dead processes' spool areas and end their leases; (their owners, leases ended).
+
+    A process's worker and delivery ids start with its owner name (store.process_owner),
+    and its spool area lock tells whether it is alive (on any host sharing data_dir):
+    the jobs and deliveries it held are claimed again at once, while the leases of live
+    processes elsewhere are left alone. `keep`: the caller's own area.
+    """
+    from dicom_node.store import sweep_spool_areas
+
+    dead = sweep_spool_areas(data_dir, keep=keep)
+    return dead, (queue.expire_leases(owners=dead) if dead else 0)

@@ -37,11 +37,13 @@ from sqlalchemy import (
     and_,
     case,
     delete,
+    false,
     func,
     insert,
     null,
     or_,
     select,
+    true,
     union_all,
     update,
 )
@@ -119,6 +121,13 @@ def _held(table: Table, row_id: int, worker: str | None):
     """WHERE clause: this row is running under `worker` (any worker when None)."""
     clause = and_(table.c.id == row_id, table.c.state == State.RUNNING)
     return clause if worker is None else and_(clause, table.c.worker == worker)
+
+
+def _held_by_any(table: Table, owners: Collection[str] | None):
+    """Rows whose worker id belongs to one of `owners` (``<owner>/...``); all rows for None."""
+    if owners is None:
+        return true()
+    return or_(false(), *(table.c.worker.startswith(f"{owner}/", autoescape=True) for owner in owners))
 
 
 def _lease_lost(table: Table, row_id: int, worker: str | None) -> LeaseLost:
@@ -755,19 +764,23 @@ class Queue:
                 failed.append((job_id, state.value))
         return failed
 
-    def expire_leases(self, *, now: datetime | None = None) -> int:
-        """End every lease at once; returns how many jobs and deliveries were running.
+    def expire_leases(self, *, now: datetime | None = None, owners: Collection[str] | None = None) -> int:
+        """End leases at once; returns how many jobs and deliveries were running under them.
 
-        Called at startup, while the node holds the data directory's run lock: whatever
-        is still `running` was held by a node that crashed, and is claimed again now
-        instead of after its lease. The claim counts the attempt as usual, so work that
-        crashes the node every time still ends in `failed` after max_attempts.
+        Without `owners` every lease ends: called at startup by a node that holds the data
+        directory's run lock alone (SQLite), so whatever is still `running` was held by a
+        node that crashed. With `owners` (a shared PostgreSQL deployment) only the leases
+        of those dead processes end: worker ids are ``<owner>/<name>`` (see
+        store.process_owner), and live processes elsewhere keep theirs. Either way the work
+        is claimed again now instead of after its lease; the claim counts the attempt as
+        usual, so work that crashes its process every time still ends in `failed`.
         """
         now = now or utcnow()
         with self._write() as conn:
             return sum(
                 conn.execute(
-                    update(table).where(table.c.state == State.RUNNING).values(lease_until=now)
+                    update(table).where(table.c.state == State.RUNNING, _held_by_any(table, owners))
+                    .values(lease_until=now)
                 ).rowcount
                 for table in (jobs, deliveries)
             )

@@ -173,6 +173,15 @@ class StoreServer(ThreadedAssociationServer):
     # at net.core.somaxconn.
     request_queue_size = 512
 
+    reuse_port = False  # node.reuse_port: ReusePortStoreServer
+
+    def server_bind(self) -> None:
+        # Before bind, or the kernel refuses a second listener on the port (EADDRINUSE).
+        # Every listener must set it, under the same user: another user cannot hijack the port.
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
     def verify_request(self, request, client_address) -> bool:
         # socketserver closes the connection when this returns False.
         return self.connections.admit(request, str(client_address[0])) is not None
@@ -220,6 +229,12 @@ class StoreServer(ThreadedAssociationServer):
         finally:
             if not started:
                 self.connections.remove(request)
+
+
+class ReusePortStoreServer(StoreServer):
+    """A StoreServer that shares its port with this node's other receivers (node.reuse_port)."""
+
+    reuse_port = True
 
 
 def build_ae(config: Config) -> AE:
@@ -280,7 +295,8 @@ def start_scp(config: Config, *, queue, store: InstanceStore) -> StoreServer:
     # ae.start_server(block=False) without its fixed server class: same steps.
     try:
         server = ae.make_server(
-            (config.node.host, config.node.port), evt_handlers=handlers, server_class=StoreServer,
+            (config.node.host, config.node.port), evt_handlers=handlers,
+            server_class=ReusePortStoreServer if config.node.reuse_port else StoreServer,
             request_handler=StoreRequestHandler,
             ssl_context=scp_context(config),  # None: plain TCP (PS3.15 Annex B when set)
         )

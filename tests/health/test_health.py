@@ -305,3 +305,21 @@ def test_status_says_whether_the_node_runs(tmp_path, capsys):
     assert report["node"]["running"] is True and report["node"]["pid"] == os.getpid()
     assert report["queue_depth"] == 0 and report["oldest_pending_job_age_seconds"] is None
     assert set(report["jobs"]) == {"pending", "running", "done", "failed"}
+
+
+def test_shared_run_locks_admit_each_other_and_exclude_a_sqlite_node(tmp_path):
+    first = RunLock(tmp_path, shared=True).acquire()
+    second = RunLock(tmp_path, shared=True).acquire()
+    try:
+        assert running_node_pid(tmp_path) == 0  # running; shared holders name no pid
+        with pytest.raises(ConfigError, match="only when all of them use one PostgreSQL queue.url"):
+            RunLock(tmp_path).acquire()
+    finally:
+        first.release()
+        second.release()
+    alone = RunLock(tmp_path).acquire()
+    try:
+        with pytest.raises(ConfigError, match="node.data_dir: another dicom-node"):
+            RunLock(tmp_path, shared=True).acquire()
+    finally:
+        alone.release()

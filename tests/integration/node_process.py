@@ -63,36 +63,48 @@ def write_config(path: Path, sections: dict, destinations: list[dict] = ()) -> P
     return path
 
 
+# The event each command logs once it works (`dicom-node worker`: its workers loaded the model).
+READY_EVENTS = {"serve": "node_ready", "worker": "workers_ready"}
+
+
 class NodeProcess:
-    def __init__(self, config_path: Path):
+    def __init__(self, config_path: Path, command: str = "serve"):
         self.config_path = config_path
+        self.command = command
         self.lines: list[str] = []
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
         self._ready = threading.Event()
 
     def start(self) -> "NodeProcess":
+        return self.launch().wait_ready()
+
+    def launch(self) -> "NodeProcess":
+        """Start the process without waiting (start several, then `wait_ready` on each)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "dicom_node", self.command, "--config", str(self.config_path)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         reader = threading.Thread(target=self._read, daemon=True)
         reader.start()
         # Every line the node and its workers print is searched for fake patient data.
-        phi_guard.watch(lambda: self.lines, "dicom-node serve", done=lambda: not reader.is_alive())
+        phi_guard.watch(lambda: self.lines, f"dicom-node {self.command}", done=lambda: not reader.is_alive())
+        return self
+
+    def wait_ready(self) -> "NodeProcess":
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         while not self._ready.wait(0.2):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("dicom-node did not become ready:\n" + self.output())
+                raise RuntimeError(f"dicom-node {self.command} did not become ready:\n" + self.output())
         return self
 
     def _read(self) -> None:
         for line in self.process.stdout:
             self.lines.append(line.rstrip("\n"))
             event = self._parse(line)
-            if event.get("event") == "node_ready":
-                self.port = int(event["port"])
+            if event.get("event") == READY_EVENTS[self.command]:
+                self.port = int(event["port"]) if "port" in event else None
                 self._ready.set()
 
     @staticmethod

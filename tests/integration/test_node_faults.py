@@ -72,7 +72,9 @@ def test_killed_worker_fails_only_its_job_which_is_retried_by_the_replacement(tm
         database.execute("BEGIN IMMEDIATE")
         held = database.execute("SELECT state, worker, attempts FROM jobs WHERE id = ?",
                                 (started["job_id"],)).fetchone()
-        assert held == ("running", "worker-1", 1), "the analysis ended before the kill: use a larger study"
+        state, worker, attempts = held
+        assert (state, attempts) == ("running", 1), "the analysis ended before the kill: use a larger study"
+        assert worker.endswith("/worker-1")  # "<host>-<node pid>/worker-1": unique across hosts
         os.kill(ready["pid"], signal.SIGKILL)  # as the kernel's OOM killer would
     finally:
         database.execute("ROLLBACK")

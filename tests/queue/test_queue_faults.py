@@ -132,3 +132,20 @@ def test_expire_leases_at_startup_lets_a_crashed_nodes_job_be_claimed_at_once(qu
     again = queue.claim_next_job(worker="worker-1", lease_seconds=LEASE, now=restart + timedelta(seconds=1))
     assert (again.id, again.attempts) == (job_id, 2)  # the crashed attempt still counts
     assert queue.expire_leases(now=restart) == 1  # the new claim is running again
+
+
+def test_expire_leases_of_dead_owners_leaves_live_processes_leases_alone(queue):
+    dead = claimed_job(queue, "hosta-1/worker-1")
+    dead_too = claimed_job(queue, "hosta-1/worker-2")
+    live = claimed_job(queue, "hosta-10/worker-1")  # a prefix of the dead owner's name is not its
+    other_host = claimed_job(queue, "hostb-1/worker-1")
+    restart = T0 + timedelta(seconds=10)  # long before the 300 s leases would end
+
+    assert queue.expire_leases(owners=["hosta-1"], now=restart) == 2
+    assert queue.expire_leases(owners=["host_-1"], now=restart) == 0  # '_' is no wildcard
+
+    later = restart + timedelta(seconds=1)
+    claimed = {queue.claim_next_job(worker="hostc-1/worker-1", lease_seconds=LEASE, now=later).id for _ in range(2)}
+    assert claimed == {dead, dead_too}
+    assert queue.claim_next_job(worker="hostc-1/worker-1", lease_seconds=LEASE, now=later) is None
+    assert {queue.get_job(j).worker for j in (live, other_host)} == {"hosta-10/worker-1", "hostb-1/worker-1"}
