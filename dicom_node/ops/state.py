@@ -46,7 +46,7 @@ def state_document(live: Liveness, *, listening: dict, pid: int, now: float) -> 
 
 
 def read_state(data_dir: Path, *, pid: int, now: float | None = None) -> tuple[Liveness | None, str | None, dict | None]:
-    """(Liveness, None, document) from the state file of the node running as `pid`.
+    """(Liveness, None, document) from the state file of the node running as `pid` (0: any).
 
     (None, problem, document or None) when it cannot be trusted: missing, unreadable,
     written by another process (a node that crashed), or stale.
@@ -63,7 +63,9 @@ def read_state(data_dir: Path, *, pid: int, now: float | None = None) -> tuple[L
         return None, f"the node (pid {pid}) has not written {path} yet: still starting?", None
     except (OSError, ValueError, KeyError, TypeError) as error:
         return None, f"{path} cannot be read ({type(error).__name__}: {error})", None
-    if document.get("pid") != pid:
+    # pid 0: processes sharing data_dir (PostgreSQL) name none; the file is then the last
+    # writer's among the receivers, trusted while fresh.
+    if pid and document.get("pid") != pid:
         return None, f"{path} was written by pid {document.get('pid')}, not by the running node (pid {pid})", None
     age = now - written_at
     if age > STALE_AFTER_SECONDS:

@@ -19,13 +19,14 @@ import pytest
 
 from dicom_node import node
 from dicom_node.analyse import pool
-from dicom_node.cli import build_parser, cmd_serve
+from dicom_node.cli import build_parser, cmd_serve, cmd_worker
 from dicom_node.log import report_failure
 from dicom_node.config import NodeConfig, WorkersConfig, load_config, parse_config
 from dicom_node.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "dicom-node.service"
+WORKER_UNIT = ROOT / "systemd" / "dicom-node-worker.service"
 README = ROOT / "systemd" / "README.md"
 MAX_EXPOSURE = 1.5
 # All README overrides at once: GPU devices (0.1) and a capability for port 104 (0.1) on top.
@@ -195,7 +196,7 @@ def systemd_analyze() -> str:
     return path
 
 
-def unit_with(drop_in: str, folder: Path) -> Path:
+def unit_with(drop_in: str, folder: Path, unit: Path = UNIT) -> Path:
     """The unit plus a drop-in, as systemd would merge them, with ExecStart made runnable.
 
     verify checks that ExecStart's program exists and is executable; a stub at a path
@@ -205,9 +206,9 @@ def unit_with(drop_in: str, folder: Path) -> Path:
     stub.parent.mkdir(parents=True, exist_ok=True)
     stub.write_text("#!/bin/sh\n")
     stub.chmod(0o755)
-    text = UNIT.read_text().replace("/opt/dicom-node/.venv/bin/dicom-node", str(stub))
+    text = unit.read_text().replace("/opt/dicom-node/.venv/bin/dicom-node", str(stub))
     assert str(stub) in text
-    path = folder / "dicom-node.service"
+    path = folder / unit.name
     path.write_text(text + "\n" + drop_in)
     return path
 
@@ -281,3 +282,23 @@ def test_readme_install_steps_have_no_placeholder_url_and_name_the_python_versio
     setup.read(ROOT / "setup.cfg")
     minimum = setup["options"]["python_requires"].removeprefix(">=")
     assert f"**Python {minimum}** or newer" in README.read_text()
+
+
+def test_worker_unit_runs_the_worker_role_with_the_units_hardening_and_limits():
+    node, worker = parse_unit(UNIT.read_text()), parse_unit(WORKER_UNIT.read_text())
+    exec_start = shlex.split(setting(worker["Service"], "ExecStart"))
+    assert exec_start[1:] == ["worker", "--config", "/etc/dicom-node/dicom-node.toml"]
+    assert build_parser().parse_args(exec_start[1:]).func is cmd_worker
+    # Everything but the command and the description is the node's: hardening, limits, stop.
+    differing = {"ExecStart", "Description"}
+    for section in ("Unit", "Service", "Install"):
+        assert [kv for kv in worker[section] if kv[0] not in differing] == \
+            [kv for kv in node[section] if kv[0] not in differing], section
+
+
+def test_systemd_analyze_accepts_the_worker_unit_and_its_exposure_is_the_units(systemd_analyze, tmp_path):
+    unit = unit_with("", tmp_path, WORKER_UNIT)
+    result = subprocess.run([systemd_analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout + result.stderr).strip() == ""
+    assert exposure(systemd_analyze, unit) <= MAX_EXPOSURE
