@@ -228,7 +228,7 @@ class Node:
             raise
         log.info("workers_ready", workers=config.workers.count)
         sd_notify("READY=1")
-        last_watchdog = last_sweep = time.monotonic()
+        last_watchdog, last_sweep = 0.0, time.monotonic()  # the first WATCHDOG=1 right after READY=1
         while not self._stop.is_set():
             self._wait_for_stop(timeout=0.5)
             try:

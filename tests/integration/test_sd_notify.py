@@ -52,3 +52,41 @@ def test_serve_notifies_ready_after_listening_then_watchdog_and_stopping(tmp_pat
     finally:
         node.kill()
         systemd.close()
+
+
+def test_worker_notifies_ready_once_its_workers_loaded_then_watchdog_and_stopping(tmp_path, monkeypatch,
+                                                                                  postgres_url):
+    notify_path = tmp_path / "notify.sock"
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(notify_path))
+    systemd.settimeout(0.2)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"label": "TEST DOUBLE", "boxes": []}))
+    config = write_config(tmp_path / "node.toml", {
+        "node": {"data_dir": str(tmp_path / "data")},
+        "queue": {"url": postgres_url},
+        "workers": {"count": 1, "device": "cpu"},
+        "detector": {"architecture": "fixed_boxes", "weights": str(boxes)},
+    })
+    received: list[str] = []
+
+    def messages():
+        try:
+            while True:
+                received.append(systemd.recv(4096).decode())
+        except TimeoutError:
+            pass
+        return received
+
+    worker = NodeProcess(config, "worker")
+    try:
+        worker.start()
+        wait_for(lambda: "READY=1" in messages() and "WATCHDOG=1" in received, 30,
+                 description="READY=1 and WATCHDOG=1")
+        assert worker.events("worker_ready")  # READY=1 only once the model is loaded
+        assert worker.stop() == 0
+        assert "STOPPING=1" in messages()
+    finally:
+        worker.kill()
+        systemd.close()
