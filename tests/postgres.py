@@ -48,7 +48,9 @@ def _free_port() -> int:
 class PostgresServer:
     def __init__(self, bin_dir: Path):
         self.bin_dir = bin_dir
-        self.root = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
+        # Not tempfile's current directory: start_scp (an earlier test in the session) points
+        # it at a node's data_dir/tmp, which the postgres user cannot reach.
+        self.root = Path(tempfile.mkdtemp(prefix="dicom-node-pg-", dir=os.environ.get("TMPDIR") or "/tmp"))
         self.data = self.root / "data"
         self.port = _free_port()
         self.process: subprocess.Popen | None = None
