@@ -11,7 +11,7 @@ Process layout of `serve`:
   retention thread (removes delivered studies, dicom_node.ops.retention), and the
   optional HTTP endpoints /health and /metrics (the workers' metrics included);
 - `workers.count` worker processes (spawned), each holding one loaded model.
-All of them share the SQLite job table through dicom_node.queue.
+All of them share the job table (the SQLite file, or PostgreSQL) through dicom_node.queue.
 
 Shutdown (SIGTERM or SIGINT): stop accepting associations, let in-flight associations
 finish (bounded), let workers finish the job in hand, stop delivering, exit 0. Whatever
