@@ -40,6 +40,12 @@ def free_ports(count: int = 1) -> list[int]:
             sock.close()
 
 
+def temp_files_left(data_dir: Path) -> list[Path]:
+    """Files under data_dir/tmp: a running process's spool area (a folder) and its lock file
+    are there by design; anything else is a temp file left behind."""
+    return [p for p in (Path(data_dir) / "tmp").rglob("*") if p.is_file() and p.suffix != ".lock"]
+
+
 def wait_for(
     predicate: Callable[[], T],
     timeout: float,

@@ -23,7 +23,7 @@ from tests import synthetic
 from tests.receive.helpers import storescu
 
 from .node_process import NodeProcess, write_config
-from .process import wait_for
+from .process import temp_files_left, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -106,9 +106,7 @@ def test_the_watermark_holds_while_data_sets_arrive_and_the_job_table_stays_writ
             f"free space fell to {free.lowest / MIB:.1f} MiB, watermark {WATERMARK_MEGABYTES} MiB")
 
         # Nothing half-written is left, and the node logged why it refused.
-        # (tmp/ holds the node's own spool area and its lock file: no file may be left in it.)
-        wait_for(lambda: not [p for p in (data_dir / "tmp").rglob("*") if p.is_file() and p.suffix != ".lock"],
-                 10, description="no temp file left under tmp/")
+        wait_for(lambda: not temp_files_left(data_dir), 10, description="no temp file left under tmp/")
         assert [e for e in node.events("data_set_discarded") if "disk space low" in e["reason"]]
 
         # The reserve was kept: the first study is analysed, its GSPS written, its job done.

@@ -49,7 +49,7 @@ from dicom_node.config import load_config
 from dicom_node.queue.ops import Queue
 from tests import synthetic
 from tests.integration.node_process import NodeProcess, write_config
-from tests.integration.process import wait_for
+from tests.integration.process import temp_files_left, wait_for
 from tests.receive import fuzz_pdus as raw
 from tests.receive.helpers import NODE_AE, association
 
@@ -444,7 +444,7 @@ def test_fuzzed_pdus_and_datasets_never_crash_leak_or_store_garbage(fuzz_node):
              description=f"the node's threads to return to {baseline_threads}")
     rss_growth = rss_bytes(pid) - baseline_rss
     # tmp/ is also where the worker writes its results before renaming them: wait for it.
-    wait_for(lambda: not list((node.data_dir / "tmp").iterdir()), 30, description="an empty tmp/")
+    wait_for(lambda: not temp_files_left(node.data_dir), 30, description="no temp file left under tmp/")
     assert list(node.system_tmp.glob("*.dcm")) == []  # pynetdicom's spool files go to data_dir/tmp
 
     # Still alive and serving: C-ECHO, and a good image is stored.
