@@ -26,7 +26,7 @@ import pytest
 
 from dicom_node.bench import hostile, pdus
 from tests.integration.node_process import NodeProcess, write_config
-from tests.integration.process import wait_for
+from tests.integration.process import temp_files_left, wait_for
 from tests.receive.helpers import NODE_AE
 
 MIB = 1024 * 1024
@@ -113,7 +113,7 @@ def test_a_deflate_bomb_is_inflated_on_disk_and_capped(node):
     assert over.status == 0xA700
     assert over.rss_growth < RSS_GROWTH_LIMIT, f"RSS grew by {over.rss_growth / MIB:.0f} MiB"
     assert len(sorted((node.data_dir / "instances").rglob("*.dcm"))) == 1
-    assert list((node.data_dir / "tmp").iterdir()) == []
+    assert temp_files_left(node.data_dir) == []
     assert "max_dataset_megabytes" in logged(node, "instance_refused", status="0xA700")["reason"]
 
 
@@ -128,7 +128,7 @@ def test_a_data_set_over_the_size_cap_is_discarded_as_it_arrives(node):
         chunk = pdus.p_data([(1, pdus.DATASET_FRAGMENT, bytes(512 * 1024))])
         for _ in range(2 * (MAX_DATASET_MEGABYTES + 16)):
             assert client.send(chunk)
-        spooled = [p.stat().st_size for p in (node.data_dir / "tmp").iterdir()]
+        spooled = [p.stat().st_size for p in temp_files_left(node.data_dir)]
         assert all(size <= MAX_DATASET_MEGABYTES * MIB for size in spooled)
         client.send(pdus.p_data([(1, pdus.DATASET_LAST, b"")]))
         assert client.read_reply().status == 0xA700
@@ -136,7 +136,7 @@ def test_a_data_set_over_the_size_cap_is_discarded_as_it_arrives(node):
         client.close()
     event = logged(node, "data_set_discarded")
     assert "node.max_dataset_megabytes" in event["reason"]
-    wait_for(lambda: not list((node.data_dir / "tmp").iterdir()), 10, description="tmp/ to be empty")
+    wait_for(lambda: not temp_files_left(node.data_dir), 10, description="no temp file left under tmp/")
 
 
 def test_a_p_data_pdu_longer_than_announced_is_refused_at_its_header(node):
