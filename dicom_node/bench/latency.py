@@ -430,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         steady = make_studies(work / "steady", count=args.studies, seed=1, rows=args.rows, columns=args.columns)
         burst = make_studies(work / "burst", count=args.studies, seed=2, rows=args.rows, columns=args.columns)
         runs = [run_backend(backend, args, steady, burst, work) for backend in backends]
+    except KeyboardInterrupt:
+        print("bench_latency: interrupted; its processes and files are removed", file=sys.stderr)
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work, ignore_errors=True)
