@@ -94,7 +94,7 @@ def run_storescp(batches: list[list[Path]], folder: Path) -> tuple[float, tuple[
     process = Started("storescp", ["storescp", "--fork", "--aetitle", STORESCP_AE, "+xa", "-od", output, port],
                       folder / "storescp.log")
     try:
-        wait_for(lambda: process.check_running() or echo_answers(port, STORESCP_AE), 30, "storescp to answer")
+        wait_for(lambda: process.check_running() or echo_answers(port, STORESCP_AE), 30, description="storescp to answer")
         seconds = send_together(port, STORESCP_AE, batches)
     finally:
         process.stop()

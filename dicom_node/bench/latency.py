@@ -107,7 +107,7 @@ class Orthanc:
         return echo_answers(self.dicom_port, ORTHANC_AE)
 
     def wait_ready(self) -> Orthanc:
-        wait_for(self._up, 60, "Orthanc to answer REST and C-ECHO")
+        wait_for(self._up, 60, description="Orthanc to answer REST and C-ECHO")
         return self
 
     def stop(self) -> None:
@@ -253,7 +253,7 @@ def run_phase(phase: Phase, node: NodeProcess, watcher: GspsWatcher, rss: PeakRs
             return all(uid in watcher.stored for uid in acknowledged)
 
         try:
-            wait_for(all_stored, timeout, f"the GSPS of {len(acknowledged)} studies in Orthanc")
+            wait_for(all_stored, timeout, description=f"the GSPS of {len(acknowledged)} studies in Orthanc")
         except TimeoutError as error:
             print(f"  {phase.name}: {error}; the figures count only what arrived", file=sys.stderr)
     phase.peak_rss = rss.entries()

@@ -16,26 +16,35 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import ClassVar, Self, TypeVar
+
+T = TypeVar("T")
 
 MIB = 1024 * 1024
 READY_TIMEOUT_SECONDS = 240  # a node loads torch (and a model) before it is ready
 STOP_TIMEOUT_SECONDS = 60
 SEND_TIMEOUT_SECONDS = 600
-POLL_SECONDS = 0.05
+# How often a condition is re-checked; short, since checks are cheap local calls.
+POLL_INTERVAL_SECONDS = 0.05
 # storescu --verbose prints this line for each C-STORE response (PS3.7 9.1.1.1.9 Status).
 STORE_RESPONSE = "Received Store Response"
 STORE_SUCCESS = "Received Store Response (Success)"
 
 
 def free_ports(count: int = 1) -> list[int]:
-    """`count` distinct loopback TCP ports that were free a moment ago (bind port 0)."""
+    """`count` distinct TCP ports that were free a moment ago (bind port 0).
+
+    All sockets are held open until every port is chosen, so the ports differ.
+    Another process may still take one before our server binds it; a caller that
+    cares retries the start (tests/integration/process.py `start_until_ready`).
+    """
     sockets = []
     try:
         for _ in range(count):
-            sock = socket.socket()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind(("127.0.0.1", 0))
             sockets.append(sock)
         return [sock.getsockname()[1] for sock in sockets]
@@ -44,9 +53,19 @@ def free_ports(count: int = 1) -> list[int]:
             sock.close()
 
 
-def wait_for(predicate, timeout: float, description: str):
-    """Call `predicate` until it returns something truthy and return that; TimeoutError after
-    `timeout` seconds. A predicate that can tell the wait is hopeless raises instead."""
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float,
+    *,
+    description: str = "condition",
+    interval: float = POLL_INTERVAL_SECONDS,
+) -> T:
+    """Call `predicate` until it returns something truthy, and return that value.
+
+    Raises TimeoutError naming `description` when `timeout` seconds pass first.
+    Exceptions raised by `predicate` propagate: a check that can tell the wait is
+    hopeless (e.g. the server process exited) should raise instead of returning False.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -54,7 +73,7 @@ def wait_for(predicate, timeout: float, description: str):
             return value
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout:g} s waiting for {description}")
-        time.sleep(POLL_SECONDS)
+        time.sleep(interval)
 
 
 def toml_value(value) -> str:
@@ -149,7 +168,8 @@ class NodeProcess(Started):
             self.check_running()
             return self.events(self.READY_EVENTS[self.command])
 
-        (event, *_) = wait_for(ready, READY_TIMEOUT_SECONDS, f"{self.name} to log {self.READY_EVENTS[self.command]}")
+        (event, *_) = wait_for(ready, READY_TIMEOUT_SECONDS,
+                               description=f"{self.name} to log {self.READY_EVENTS[self.command]}")
         self.port = int(event["port"]) if "port" in event else None
         return self
 
