@@ -375,6 +375,9 @@ def print_tables(runs: list[dict]) -> None:
             print(f"{run['queue']:11} {key[0][:44]:44} {key[1]:7d} {before or '-':>8} {after or '-':>8} {ratio:>12}")
     print()
     for run in runs:
+        if not run["rss_reset"]:
+            print(f"{run['queue']}: note: the peak of some processes could not be reset (/proc/PID/clear_refs): "
+                  "theirs count from their start")
         verdict = "yes" if run["rss_bounded"] else "NO"
         print(f"{run['queue']}: node memory bounded in the burst: {verdict} (largest burst/steady peak of a node "
               f"process {run['node_rss_burst_over_steady']}, bound {RSS_BOUND})")
