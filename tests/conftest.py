@@ -74,8 +74,8 @@ def small_filesystem(tmp_path):
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A real PostgreSQL server for the session (tests/postgres.py), started on first use."""
-    from tests.postgres import PostgresServer, postgres_bin_dir
+    """A real PostgreSQL server for the session (dicom_node/bench/postgres.py), started on first use."""
+    from dicom_node.bench.postgres import PostgresServer, postgres_bin_dir
 
     bin_dir = postgres_bin_dir()
     if bin_dir is None:

@@ -9,6 +9,10 @@ each and their ratio. The node's target is at least 0.8x storescp.
 
     python -m dicom_node.bench.ingest --count 8 --repeat 3
 
+With ``--senders 4``, 4 storescu processes send at once (``--count`` images each) to
+storescp --fork, to one `dicom-node serve` receiver process and to two sharing the port
+(dicom_node.bench.ingest_concurrent); it prints aggregate MB/s and instances/s of each.
+
 Figures depend on the machine (CPU, disk, fsync cost); print only what was measured.
 """
 
@@ -190,7 +194,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench_ingest", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
-    parser.add_argument("--count", type=int, default=8, help="images per run (default 8)")
+    parser.add_argument("--count", type=int, default=8,
+                        help="images per run, or per sender with --senders (default 8)")
     parser.add_argument("--rows", type=int, default=3328)
     parser.add_argument("--cols", type=int, default=2560)
     parser.add_argument("--repeat", type=int, default=3, help="runs per receiver (default 3)")
@@ -201,9 +206,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="folder for images and received files (default .bench); both receivers write here",
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument(
+        "--senders", type=int, default=1,
+        help="more than 1: that many concurrent senders against storescp --fork, 1 and 2 "
+        "receiver processes (default 1: the single-association comparison)",
+    )
+    parser.add_argument("--json", type=Path, help="with --senders: also write the figures to this file")
     args = parser.parse_args(argv)
-    if args.count < 1 or args.repeat < 1 or args.rows < 1 or args.cols < 1:
-        parser.error("--count, --repeat, --rows and --cols must be positive")
+    if min(args.count, args.repeat, args.rows, args.cols, args.senders) < 1:
+        parser.error("--count, --repeat, --rows, --cols and --senders must be positive")
     return args
 
 
@@ -216,8 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ingest-", dir=args.work_dir))
     try:
-        print(f"generating {args.count} images {args.rows}x{args.cols} (16-bit) in {work}")
-        files = make_images(work / "images", count=args.count, rows=args.rows, columns=args.cols)
+        total = args.count * args.senders
+        print(f"generating {total} images {args.rows}x{args.cols} (16-bit) in {work}")
+        files = make_images(work / "images", count=total, rows=args.rows, columns=args.cols)
+        if args.senders > 1:
+            from dicom_node.bench import ingest_concurrent
+
+            return ingest_concurrent.run(files, senders=args.senders, repeat=args.repeat, work=work,
+                                         json_path=args.json)
         megabytes = sum(p.stat().st_size for p in files) / 1e6
         print(
             f"{megabytes / args.count:.1f} MB each, {megabytes:.1f} MB per run; sender "

@@ -16,21 +16,10 @@ import threading
 import time
 from pathlib import Path
 
+from dicom_node.bench.processes import write_toml
 from tests import phi_guard
 
 READY_TIMEOUT_SECONDS = 240
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(str(value))
 
 
 def open_to_any_caller(sections: dict) -> dict:
@@ -52,15 +41,7 @@ def write_config(path: Path, sections: dict, destinations: list[dict] = ()) -> P
     purge studies because the CI disk happens to be short of space).
     """
     sections = {"retention": {"enabled": False}, **open_to_any_caller(sections)}
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
-    for destination in destinations:
-        lines.append("[[destinations]]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in destination.items())
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_toml(path, sections, destinations)
 
 
 # The event each command logs once it works (`dicom-node worker`: its workers loaded the model).

@@ -8,65 +8,21 @@ wait on a condition with a deadline (`wait_for`).
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
-T = TypeVar("T")
+from dicom_node.bench.processes import POLL_INTERVAL_SECONDS, free_ports, wait_for
 
-# How often a condition is re-checked; short, since checks are cheap local calls.
-POLL_INTERVAL_SECONDS = 0.05
-
-
-def free_ports(count: int = 1) -> list[int]:
-    """`count` distinct TCP ports that were free a moment ago (bind port 0).
-
-    All sockets are held open until every port is chosen, so the ports differ.
-    Another process may still take one before our server binds it; the
-    `start_until_ready` retry covers that race.
-    """
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+# free_ports and wait_for live with the benchmarks, which start the same real processes.
+__all__ = ["POLL_INTERVAL_SECONDS", "ManagedProcess", "ProcessExited", "free_ports", "start_until_ready",
+           "temp_files_left", "wait_for"]
 
 
 def temp_files_left(data_dir: Path) -> list[Path]:
     """Files under data_dir/tmp: a running process's spool area (a folder) and its lock file
     are there by design; anything else is a temp file left behind."""
     return [p for p in (Path(data_dir) / "tmp").rglob("*") if p.is_file() and p.suffix != ".lock"]
-
-
-def wait_for(
-    predicate: Callable[[], T],
-    timeout: float,
-    *,
-    description: str = "condition",
-    interval: float = POLL_INTERVAL_SECONDS,
-) -> T:
-    """Call `predicate` until it returns something truthy, and return that value.
-
-    Raises TimeoutError naming `description` when `timeout` seconds pass first.
-    Exceptions raised by `predicate` propagate: a check that can tell the wait is
-    hopeless (e.g. the server process exited) should raise instead of returning False.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {description}")
-        time.sleep(interval)
 
 
 class ProcessExited(RuntimeError):

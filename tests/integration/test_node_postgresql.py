@@ -60,7 +60,7 @@ def test_a_node_on_postgresql_receives_a_study_and_delivers_one_gsps(tmp_path, o
 @pytest.fixture
 def own_postgres():
     """A PostgreSQL server of this test's own, to stop and start again under a running node."""
-    from tests.postgres import PostgresServer, postgres_bin_dir
+    from dicom_node.bench.postgres import PostgresServer, postgres_bin_dir
 
     server = PostgresServer(postgres_bin_dir()).start()
     yield server

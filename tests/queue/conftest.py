@@ -1,7 +1,7 @@
 """Fixtures for the queue tests: a migrated queue on each database the queue runs on.
 
 `database_url` (and so `queue`) is parametrized over a real SQLite file under tmp_path
-and a fresh database on a real PostgreSQL server (tests/postgres.py). A test that is
+and a fresh database on a real PostgreSQL server (dicom_node/bench/postgres.py). A test that is
 about SQLite itself (its file, pragmas, fault injection) is marked ``sqlite_only`` and
 runs on SQLite alone.
 """

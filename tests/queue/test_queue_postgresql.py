@@ -12,7 +12,7 @@ from sqlalchemy import create_engine
 
 from dicom_node.errors import ConfigError, QueueUnavailable
 from dicom_node.queue import Queue
-from tests.postgres import PostgresServer, postgres_bin_dir
+from dicom_node.bench.postgres import PostgresServer, postgres_bin_dir
 from tests.queue.queue_helpers import T0, new_uid, record
 
 

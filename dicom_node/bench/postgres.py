@@ -1,4 +1,5 @@
-"""A real, throwaway PostgreSQL server for the tests (the Debian `postgresql` binaries).
+"""A real, throwaway PostgreSQL server for the tests and the benchmarks (the Debian
+`postgresql` binaries).
 
 `PostgresServer.start()` runs ``initdb`` into a fresh temporary folder and starts
 ``postgres`` on it, listening on 127.0.0.1 at a free port and on a Unix socket in that
@@ -9,7 +10,8 @@ the server and removes the folder.
 initdb refuses to run as root: as root, the server runs as the `postgres` system user
 (created by the Debian package) and the folder is made its own. Durability settings
 are off (fsync, synchronous_commit): a test server that loses its data in a power cut
-costs nothing, and the machine is shared.
+costs nothing, and the machine is shared. (A benchmark's figures are therefore those of
+the node with a PostgreSQL that does not wait for its disk.)
 """
 
 from __future__ import annotations
