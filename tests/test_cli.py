@@ -266,6 +266,18 @@ def test_a_postgresql_queue_that_does_not_answer_or_does_not_exist_stops_the_sta
         assert "Traceback" not in result.stderr
 
 
+def test_check_config_of_a_receiver_loads_no_detector(tmp_path, postgres_url):
+    """A receiver (workers.count = 0) never loads a model: its check does not either, so a
+    receiver host needs no weights file."""
+    config = tmp_path / "node.toml"
+    config.write_text(f"[node]\ndata_dir = 'data'\nport = 0\n[security]\nallow_any_caller = true\n"
+                      f"[workers]\ncount = 0\n[queue]\nurl = '{postgres_url}'\n"
+                      "[detector]\narchitecture = 'retinanet_r50_fpn'\nweights = 'nowhere/model.pt'\n")
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "receiver: workers.count = 0, no detector loaded" in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(
     ("sections", "message"),
     [

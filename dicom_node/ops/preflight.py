@@ -84,7 +84,8 @@ def check_config(config: Config, *, source: str) -> str:
     Raises ConfigError naming the first key at fault, in the order `serve` checks: the
     data directory, TLS files, who may send, the job database (queue.url, when set), the
     ports (unless a node already runs on that data_dir: then they are its own), and last
-    the detector (it loads the checkpoint).
+    the detector (it loads the checkpoint), unless the config is a receiver's
+    (``workers.count = 0``), which never loads one.
     """
     from dicom_node.model.detector import load_detector
     from dicom_node.ops.runlock import running_node_pid
@@ -101,6 +102,9 @@ def check_config(config: Config, *, source: str) -> str:
         ports = "ports free"
     else:
         ports = f"ports not checked: a node runs on this data_dir (pid {pid or '?'})"
-    detector = load_detector(config.detector, device="cpu")
-    return (f"{source}: OK (architecture {detector.architecture}, "
+    if config.workers.count == 0:
+        model = "receiver: workers.count = 0, no detector loaded"
+    else:
+        model = f"architecture {load_detector(config.detector, device='cpu').architecture}"
+    return (f"{source}: OK ({model}, "
             f"{len(config.destinations)} destination(s), data_dir {config.node.data_dir}, {ports})")
