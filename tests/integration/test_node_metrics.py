@@ -26,7 +26,7 @@ from tests import synthetic
 
 from .dcmtk import echoscu, storescu
 from .node_process import NodeProcess, write_config
-from .process import wait_for
+from .process import free_ports, wait_for
 from .test_node_roundtrip import PHI_VALUES, fixed_boxes_file, wait_for_gsps
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -170,3 +170,32 @@ def test_metrics_count_what_was_sent_in_every_process(tmp_path, orthanc):
 
     # Every metric the Grafana dashboard queries is there.
     assert dashboard_metric_names() - set(found) == set()
+
+
+def test_a_worker_host_serves_its_own_metrics(tmp_path, postgres_url):
+    """`dicom-node worker` on its own host: its /metrics counts its model forwards and job
+    durations (a receiver's scrape cannot see another host's processes)."""
+    data = tmp_path / "data"
+    shared = {"queue": {"url": postgres_url}, "study": {"stable_seconds": 1},
+              "detector": {"architecture": "fixed_boxes", "weights": str(fixed_boxes_file(tmp_path, []))}}
+    node = {"ae_title": "DICOM_NODE", "host": "127.0.0.1", "port": 0, "data_dir": str(data)}
+    receiver = NodeProcess(write_config(tmp_path / "receiver.toml", {
+        **shared, "node": node, "workers": {"count": 0}})).start()
+    worker_port = free_ports(1)[0]
+    worker = NodeProcess(write_config(tmp_path / "worker.toml", {
+        **shared, "node": node, "workers": {"count": 1, "device": "cpu"},
+        "metrics": {"enabled": True, "host": "127.0.0.1", "port": worker_port}}), "worker").start()
+    try:
+        study = synthetic.study(tmp_path / "study", n_images=2)
+        assert storescu(study, receiver.port, "DICOM_NODE").ok
+        wait_for(lambda: worker.events("job_done"), 60, description="the worker's job_done")
+        found = wait_for(lambda: (s := samples(scrape(worker_port)))
+                         .get("dicom_node_job_claimed_to_done_seconds_count", {}).get(()) and s,
+                         30, description="the job in the worker's metrics")
+        assert found["dicom_node_model_forward_seconds_count"][()] >= 1
+        assert found["dicom_node_job_claimed_to_done_seconds_count"][()] == 1
+        assert found["dicom_node_job_stable_to_claimed_seconds_count"][()] == 1
+        assert found["dicom_node_instances_received_total"][()] == 0  # received by the other process
+    finally:
+        worker.stop()
+        receiver.stop()
