@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     generate_uid,
 )
+
+from dicom_node.bench.processes import free_ports
 
 SENDER_AE = "BENCH_SCU"
 STORESCP_AE = "STORESCP"
@@ -101,12 +102,6 @@ def make_images(folder: Path, *, count: int, rows: int, columns: int, seed: int 
     return paths
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # dcmtk sets TCP_NODELAY on its sockets unless this variable says 0: say 1, for the record.
 DCMTK_ENVIRONMENT = {**os.environ, "TCP_NODELAY": "1"}
 STORESCP_MAX_PDU = 131072  # the largest PDU storescp accepts (dcmtk's maximum)
@@ -142,7 +137,7 @@ def run_storescp(files: list[Path], output: Path) -> float:
     """Send to dcmtk storescp at its fastest (+B: bit-preserving, each data set written to its
     file as it arrives; 128 KiB PDUs; TCP_NODELAY; no fsync) and return the send time."""
     output.mkdir(parents=True)
-    port = free_port()
+    port = free_ports(1)[0]
     command = ["storescp", "--aetitle", STORESCP_AE, "+xa", "+B", "--max-pdu", str(STORESCP_MAX_PDU),
                "-od", str(output), str(port)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=DCMTK_ENVIRONMENT)

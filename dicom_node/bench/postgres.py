@@ -22,11 +22,12 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from dicom_node.bench.processes import free_ports
 
 START_TIMEOUT = 60
 SUPERUSER = "postgres"
@@ -41,12 +42,6 @@ def postgres_bin_dir() -> Path | None:
     return Path(on_path).parent if on_path else None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class PostgresServer:
     def __init__(self, bin_dir: Path):
         self.bin_dir = bin_dir
@@ -54,7 +49,7 @@ class PostgresServer:
         # it at a node's data_dir/tmp, which the postgres user cannot reach.
         self.root = Path(tempfile.mkdtemp(prefix="dicom-node-pg-", dir=os.environ.get("TMPDIR") or "/tmp"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_ports(1)[0]
         self.process: subprocess.Popen | None = None
         self._names = itertools.count(1)
         self._run_as = SUPERUSER if os.geteuid() == 0 else None
