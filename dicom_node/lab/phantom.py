@@ -1086,9 +1086,7 @@ def prepared_phantoms(*, n: int, seed: int, variety: Variety | None, input_size:
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, not {n}")
-    size = {} if variety is not None else {"rows": rows, "columns": columns}
-    if size:
-        _check_options(**size, masses_per_image=(0, 3), mass_size_mm=(8.0, 30.0), bits_stored=None, density=None)
+    size = {} if variety is not None else {"rows": rows, "columns": columns}  # checked by generate_phantom
     work = partial(_prepare_one, options={"seed": seed, "variety": variety, **size}, input_size=input_size,
                    half=half)
     if workers <= 1:

@@ -36,11 +36,16 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+def _last_point_within(froc: dict, fp_per_image: float) -> int:
+    """Index of the last FROC point with at most ``fp_per_image`` false positives per image."""
+    rates = np.asarray(froc["fp_per_image"], dtype=np.float64)
+    return int(np.searchsorted(rates, fp_per_image, side="right")) - 1
+
+
 def score_at_fp_rate(froc: dict, fp_per_image: float) -> float | None:
     """The lowest score threshold whose operating point has at most ``fp_per_image`` false
     positives per image, on a FROC curve of dicom_node.lab.evaluate (None: no detection)."""
-    rates = np.asarray(froc["fp_per_image"], dtype=np.float64)
-    last = int(np.searchsorted(rates, fp_per_image, side="right")) - 1
+    last = _last_point_within(froc, fp_per_image)
     return froc["thresholds"][last] if last >= 0 else None
 
 
@@ -79,8 +84,7 @@ def calibrate(model: torch.nn.Module, validation_detections: list[dict], gt_coco
         raise ConfigError(f"calibrate_fp_per_image: no detection on the validation set reaches "
                           f"{fp_per_image} false positives per image or fewer")
     shift = shift_scores(model, from_score=score, to_score=at)
-    rates = np.asarray(froc["fp_per_image"])
-    point = int(np.searchsorted(rates, fp_per_image, side="right")) - 1
+    point = _last_point_within(froc, fp_per_image)
     record = {"fp_per_image": fp_per_image, "threshold": at, "validation_score": round(float(score), 6),
               "logit_shift": round(shift, 6), "validation_images": froc["images"],
               "validation_sensitivity": round(float(froc["sensitivity"][point]), 4)}

@@ -311,10 +311,16 @@ def validate(model, items, gt_coco: dict, *, device: torch.device, input_size: i
 
     ``items`` are CocoDataset items ``(PreparedImage, boxes, image_id)`` of ``gt_coco``.
     """
+    return _validated(model, items, gt_coco, device=device, input_size=input_size, threshold=threshold)[1]
+
+
+def _validated(model, items, gt_coco: dict, *, device: torch.device, input_size: int,
+               threshold: float) -> tuple[list[dict], dict]:
+    """(detections, summary metrics) of ``model`` on the validation ``items``."""
     from dicom_node.lab.evaluate.run import evaluate_detections
 
     detections = detections_of(model, items, gt_coco, device=device, input_size=input_size)
-    return evaluate_detections(gt_coco, detections, threshold=threshold)["summary"]
+    return detections, evaluate_detections(gt_coco, detections, threshold=threshold)["summary"]
 
 
 def detections_of(model, items, gt_coco: dict, *, device: torch.device, input_size: int) -> list[dict]:
@@ -422,6 +428,7 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True,
     bar = tqdm(total=opt.iterations, initial=iteration, disable=not progress, unit="it", dynamic_ncols=True)
     smoothed = None
     last_metrics: dict | None = None
+    last_detections: list[dict] = []
     train_started = time.monotonic()
     try:
         while iteration < opt.iterations:
@@ -465,23 +472,24 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True,
                 run_log.info("checkpoint_saved", iteration=iteration, path=str(path))
             due = cfg.eval_every and iteration % cfg.eval_every == 0
             if val_items and (due or iteration == opt.iterations):
-                last_metrics = validate(model, val_items, val_gt, device=dev, input_size=cfg.model.input_size,
-                                        threshold=cfg.eval_threshold)
+                last_detections, last_metrics = _validated(model, val_items, val_gt, device=dev,
+                                                           input_size=cfg.model.input_size,
+                                                           threshold=cfg.eval_threshold)
                 _append_metrics(output_dir, {"iteration": iteration, "validation": last_metrics})
                 run_log.info("validation", iteration=iteration, ap50=last_metrics.get("ap50"),
                              recall=last_metrics.get("recall"), precision=last_metrics.get("precision"))
     finally:
         bar.close()
     if last_metrics is None and val_items:  # resumed a finished run: validate what is exported
-        last_metrics = validate(model, val_items, val_gt, device=dev, input_size=cfg.model.input_size,
-                                threshold=cfg.eval_threshold)
+        last_detections, last_metrics = _validated(model, val_items, val_gt, device=dev,
+                                                   input_size=cfg.model.input_size, threshold=cfg.eval_threshold)
 
     calibration = None
     if cfg.calibrate_fp_per_image is not None and val_items:
         from dicom_node.lab.train.calibrate import calibrate
 
-        detections = detections_of(model, val_items, val_gt, device=dev, input_size=cfg.model.input_size)
-        calibration = calibrate(model, detections, val_gt, fp_per_image=cfg.calibrate_fp_per_image,
+        # The last validation ran on this model, at the last iteration: its detections are these.
+        calibration = calibrate(model, last_detections, val_gt, fp_per_image=cfg.calibrate_fp_per_image,
                                 at=cfg.eval_threshold)
         last_metrics = validate(model, val_items, val_gt, device=dev, input_size=cfg.model.input_size,
                                 threshold=cfg.eval_threshold)
