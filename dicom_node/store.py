@@ -1,6 +1,6 @@
 """Durable files: received instances and the result objects built from them.
 
-Layout under ``data_dir`` (one filesystem, so ``os.replace`` is atomic)::
+Layout under ``data_dir`` (one filesystem, so ``os.link`` and ``os.replace`` are atomic)::
 
     instances/<study uid>/<series uid>/<sop instance uid>.dcm
     results/<name>
@@ -10,7 +10,8 @@ Layout under ``data_dir`` (one filesystem, so ``os.replace`` is atomic)::
                     workers, on one host or several) may share data_dir
 
 A file reaches its final name only after its bytes are on disk: it is written
-under tmp/, fsynced, renamed into place with ``os.replace``, and the directory
+under tmp/, fsynced, linked (an instance: ``os.link`` never replaces the first copy
+received) or renamed (a result: ``os.replace``) into place, and the directory
 holding the new name is fsynced (so is every directory created on the way).
 After a power loss a final name therefore points at a complete file or does not
 exist; it never points at a partial one.
@@ -115,12 +116,10 @@ class InstanceStore:
         # Where this process writes temp files: its SpoolArea's folder when it shares
         # data_dir with other processes, tmp/ itself otherwise (a tool, a test).
         self._tmp_dir = Path(tmp_dir) if tmp_dir is not None else None
-        # Two associations may deliver the same SOP Instance at once; the check for
-        # an existing file and the rename must not interleave (first one wins).
+        # Where hard links are missing (persist_instance), two associations may deliver
+        # the same SOP Instance at once; the check for an existing file and the rename
+        # must not interleave (first one wins).
         self._rename_lock = threading.Lock()
-        # Bytes about to be written by associations of this process (see `reserve`).
-        self._reserved = 0
-        self._reserved_lock = threading.Lock()
         for folder in (self.instances_dir, self.results_dir, self.data_dir / TMP_DIR, self.tmp_dir):
             self._make_dirs(folder)
 
@@ -165,14 +164,17 @@ class InstanceStore:
             path.unlink(missing_ok=True)
 
     def persist_instance(
-        self, source: Path, *, study_uid: str, series_uid: str, sop_instance_uid: str
+        self, source: Path, *, study_uid: str, series_uid: str, sop_instance_uid: str,
+        keep_source: bool = False,
     ) -> Path:
         """Make ``source`` durable at the instance's final path and return that path.
 
-        A ``source`` under tmp/ is moved (no copy); any other file is copied and
-        left in place. If the final file already exists (the same SOP Instance UID
-        was received before) the existing file is kept and returned, and a
-        ``source`` under tmp/ is removed. Raises ValueError for an invalid UID.
+        A ``source`` under tmp/ is fsynced and hard-linked into place (no copy), then
+        removed unless ``keep_source`` (the SCP's spool file, which pynetdicom removes once
+        the handler returns); any other file is copied and left in place. If the final
+        file already exists (the same SOP Instance UID was received before, by this
+        process or another sharing data_dir) the existing file is kept and returned:
+        a link, unlike a rename, never replaces it. Raises ValueError for an invalid UID.
         """
         source = Path(source)
         final = self.instance_path(
@@ -187,18 +189,34 @@ class InstanceStore:
                     series_uid=series_uid,
                     sop_instance_uid=sop_instance_uid,
                 )
-        if final.exists():
-            source.unlink(missing_ok=True)
-            return final
-        self._fsync_file(source)
-        self._make_dirs(final.parent)
-        with self._rename_lock:
-            if final.exists():
-                source.unlink(missing_ok=True)
-                return final
-            os.replace(source, final)
+        if not final.exists():
+            self._fsync_file(source)
+            self._make_dirs(final.parent)
+            self._link_or_copy(source, final)
+        # The name may be another writer's that has not yet made it durable (its fsync of
+        # the directory comes after the link): this answer must not outrun it.
         self._fsync_dir(final.parent)
+        if not keep_source:
+            source.unlink(missing_ok=True)
         return final
+
+    def _link_or_copy(self, source: Path, final: Path) -> None:
+        """Give `final` the fsynced content of `source`, unless `final` exists already."""
+        try:
+            os.link(source, final)
+        except FileExistsError:
+            return
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            # A filesystem without hard links: a copy, renamed into place unless the
+            # name appeared meanwhile (a rename would replace it).
+            with self.temp_path() as staged:
+                shutil.copyfile(source, staged)
+                self._fsync_file(staged)
+                with self._rename_lock:
+                    if not final.exists():
+                        os.replace(staged, final)
 
     def write_result(self, ds: pydicom.Dataset, *, name: str) -> Path:
         """Write ``ds`` as a DICOM Part 10 file to results/``name`` durably; return the path.
@@ -285,30 +303,6 @@ class InstanceStore:
     def free_bytes(self) -> int:
         """Bytes still writable on data_dir's filesystem (see `free_bytes`)."""
         return free_bytes(self.data_dir)
-
-    def unreserved_free_bytes(self) -> int:
-        """Free bytes minus what associations of this process have reserved to write."""
-        with self._reserved_lock:
-            return self.free_bytes() - self._reserved
-
-    @contextlib.contextmanager
-    def reserve(self, nbytes: int, *, keep_free: int) -> Iterator[bool]:
-        """Reserve `nbytes` to write while the block runs; yields False if they do not fit.
-
-        They fit when writing them leaves at least `keep_free` bytes free, counting the
-        reservations of concurrent writers: sixteen associations each checking free space
-        alone and then each writing a large file could together fill the disk.
-        """
-        with self._reserved_lock:
-            fits = self.free_bytes() - self._reserved - nbytes >= keep_free
-            if fits:
-                self._reserved += nbytes
-        try:
-            yield fits
-        finally:
-            if fits:
-                with self._reserved_lock:
-                    self._reserved -= nbytes
 
     def remove_files(self, instance_paths: Iterable[str], result_paths: Iterable[str] = ()) -> Removed:
         """Delete these instance and result files, then the series and study folders left empty.

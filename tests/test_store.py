@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -95,6 +96,44 @@ def test_concurrent_duplicates_leave_one_complete_file(store):
     assert len(content) == 100_000 and len(set(content)) == 1  # one writer's whole file
     assert list(store.tmp_dir.iterdir()) == []
     assert len(list(store.instances_dir.rglob("*.dcm"))) == 1
+
+
+def test_persist_keeps_a_source_it_is_told_to_keep(store):
+    """The SCP's spool: pynetdicom removes it after the handler; until then it may be
+    persisted again (a file removed by retention before the row's commit)."""
+    ids = uids()
+    source = staged(store, b"spooled")
+    path = store.persist_instance(source, **ids, keep_source=True)
+    assert path.read_bytes() == source.read_bytes() == b"spooled"
+    assert path.stat().st_ino == source.stat().st_ino  # a link: no copy was written
+    path.unlink()
+    assert store.persist_instance(source, **ids, keep_source=True).read_bytes() == b"spooled"
+
+
+def test_stores_sharing_data_dir_keep_the_first_file(tmp_path):
+    """Two processes (receivers sharing data_dir) storing one SOP Instance: no replace."""
+    first_store, second_store = (InstanceStore(tmp_path / "data", tmp_dir=tmp_path / "data" / "tmp" / name)
+                                 for name in ("host-1", "host-2"))
+    ids = uids()
+    first = first_store.persist_instance(staged(first_store, b"first"), **ids)
+    inode = first.stat().st_ino
+    second = second_store.persist_instance(staged(second_store, b"second"), **ids)
+    assert second == first and first.read_bytes() == b"first" and first.stat().st_ino == inode
+
+
+def test_without_hard_links_the_file_is_copied_into_place(store, monkeypatch):
+    """A filesystem that refuses hard links (EPERM) still gets every instance, once."""
+    def no_links(source, target):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_links)
+    ids = uids()
+    source = staged(store, b"copied")
+    path = store.persist_instance(source, **ids, keep_source=True)
+    assert path.read_bytes() == b"copied" and source.exists()
+    again = store.persist_instance(staged(store, b"later"), **ids)
+    assert again == path and path.read_bytes() == b"copied"
+    assert sorted(p.name for p in store.tmp_dir.iterdir()) == [source.name]
 
 
 @pytest.mark.parametrize(

@@ -3,13 +3,13 @@
 One C-STORE becomes one durable file and one job-table row before Success is
 sent, so that nothing acknowledged is ever lost:
 
-1. pynetdicom spools the dataset to a temp file as it arrives
-   (``STORE_RECV_CHUNKED_DATASET``), without decoding it;
+1. the dataset is spooled, as it arrives and without being decoded, to a Part 10
+   file under the store's tmp/ (preamble, File Meta with the negotiated transfer
+   syntax and the network provenance, the dataset bytes exactly as received: see
+   dicom_node.receive.spool);
 2. the handler parses only the identifying attributes of that file;
-3. it writes a Part 10 file (preamble, File Meta with the negotiated transfer
-   syntax, the dataset bytes exactly as received) under the store's tmp/;
-4. ``InstanceStore.persist_instance`` fsyncs and renames it into place;
-5. ``Queue.record_instance`` commits the row; then Success is returned.
+3. ``InstanceStore.persist_instance`` fsyncs it and links it into place;
+4. ``Queue.record_instance`` commits the row; then Success is returned.
 
 Anything else gets a failure status and a log line saying why; nothing
 half-written is left behind. Logs carry UIDs and AE titles, never patient data.
@@ -26,7 +26,6 @@ from enum import IntEnum
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -41,7 +40,7 @@ from dicom_node import metrics
 from dicom_node.errors import QueueUnavailable
 from dicom_node.log import describe_error, get_logger
 from dicom_node.receive.activity import ReceiveActivity
-from dicom_node.receive.limits import StorageLimits, spool_refusal
+from dicom_node.receive.spool import StorageLimits, spool_refusal
 from dicom_node.receive.structure import (
     IMAGE_PIXEL_TAGS,
     MalformedDataset,
@@ -283,33 +282,6 @@ def check_identity(
         )
 
 
-def write_part10(target: Path, *, spool: Path, calling_ae: str, called_ae: str) -> int:
-    """Write the spooled dataset to ``target`` as a Part 10 file; return its size.
-
-    pynetdicom's spool file already holds a preamble and File Meta built from the
-    request and the negotiated transfer syntax, followed by the dataset bytes as
-    received. The File Meta is rewritten to add the network provenance
-    (PS3.10 7.1: Sending/Receiving/Source AE Title); the dataset bytes are copied
-    by the kernel, never decoded, so compressed pixel data stays bit-identical.
-    """
-    file_meta, offset = split_dataset(spool)
-    file_meta.SourceApplicationEntityTitle = called_ae
-    file_meta.SendingApplicationEntityTitle = calling_ae
-    file_meta.ReceivingApplicationEntityTitle = called_ae
-    with open(spool, "rb") as source, open(target, "wb") as out:
-        out.write(b"\x00" * 128 + b"DICM")  # PS3.10 7.1 preamble and prefix
-        write_file_meta_info(out, file_meta, enforce_standard=True)
-        out.flush()
-        remaining = os.fstat(source.fileno()).st_size - offset
-        while remaining > 0:
-            sent = os.sendfile(out.fileno(), source.fileno(), offset, remaining)
-            if sent == 0:
-                raise OSError(f"spool file {spool} ended early")
-            offset += sent
-            remaining -= sent
-        return os.fstat(out.fileno()).st_size
-
-
 def _status(status: StoreStatus, comment: str | None = None) -> Dataset:
     response = Dataset()
     response.Status = int(status)
@@ -324,11 +296,10 @@ def _status(status: StoreStatus, comment: str | None = None) -> Dataset:
 def check_free_space(store: InstanceStore, *, incoming_bytes: int, min_free_bytes: int) -> None:
     """Refuse the instance if writing `incoming_bytes` would leave less than `min_free_bytes`.
 
-    Free space counts what other associations have reserved (InstanceStore.reserve). The
-    statvfs call is cheap enough to make per fragment, so storage resumes as soon as space
-    returns.
+    The statvfs call is cheap enough to make per chunk, so storage resumes as soon as
+    space returns.
     """
-    free = store.unreserved_free_bytes()
+    free = store.free_bytes()
     if free - incoming_bytes < min_free_bytes:
         raise InstanceRefused(StoreStatus.OUT_OF_RESOURCES, _disk_space_low(free, min_free_bytes))
 
@@ -361,20 +332,19 @@ def count_answer(status: int) -> None:
         metrics.get().c_store_refusals.labels(status=StoreStatus(status).name).inc()
 
 
-def _persist(event: evt.Event, store: InstanceStore, identity: InstanceIdentity) -> tuple[Path, int]:
-    """The spooled data set as a Part 10 file at its final path: (path, size)."""
-    with store.temp_path() as staged:
-        size = write_part10(
-            staged, spool=event.dataset_path, calling_ae=event.assoc.requestor.ae_title,
-            called_ae=event.assoc.acceptor.ae_title,
-        )
-        path = store.persist_instance(
-            staged,
-            study_uid=identity.study_uid,
-            series_uid=identity.series_uid,
-            sop_instance_uid=identity.sop_instance_uid,
-        )
-    return path, size
+def _persist(event: evt.Event, store: InstanceStore, identity: InstanceIdentity) -> Path:
+    """The spool file, already the Part 10 file, durable at the instance's final path.
+
+    The spool stays (pynetdicom removes it once the handler returns), so that it can be
+    persisted again if its final file is removed before the row is committed.
+    """
+    return store.persist_instance(
+        event.dataset_path,
+        study_uid=identity.study_uid,
+        series_uid=identity.series_uid,
+        sop_instance_uid=identity.sop_instance_uid,
+        keep_source=True,
+    )
 
 
 def _store(event: evt.Event, queue, store: InstanceStore, limits: StorageLimits) -> Dataset:
@@ -392,30 +362,25 @@ def _store(event: evt.Event, queue, store: InstanceStore, limits: StorageLimits)
             request_sop_class=str(request.AffectedSOPClassUID),
             request_sop_instance=str(request.AffectedSOPInstanceUID),
         )
-        incoming = os.path.getsize(event.dataset_path)
-        with store.reserve(incoming, keep_free=limits.keep_free_bytes) as fits:
-            if not fits:
-                raise InstanceRefused(
-                    StoreStatus.OUT_OF_RESOURCES,
-                    _disk_space_low(store.unreserved_free_bytes(), limits.keep_free_bytes),
-                )
-            path, size = _persist(event, store, identity)
-            new = queue.record_instance(
-                sop_instance_uid=identity.sop_instance_uid,
-                sop_class_uid=identity.sop_class_uid,
-                study_uid=identity.study_uid,
-                series_uid=identity.series_uid,
-                path=str(path),
-                transfer_syntax=str(transfer_syntax),
-                calling_ae=event.assoc.requestor.ae_title,
-                size_bytes=size,
-            )
-            if not path.exists():
-                # Retention removed the study (rows and files, in one transaction) after
-                # persist_instance found this file there and before our row was committed:
-                # the row is ours now, so the file must be again.
-                log.warning("instance_rewritten", sop_instance_uid=identity.sop_instance_uid)
-                path, size = _persist(event, store, identity)
+        # Storing writes no more bytes: the spool is the file (see _persist).
+        size = os.path.getsize(event.dataset_path)
+        path = _persist(event, store, identity)
+        new = queue.record_instance(
+            sop_instance_uid=identity.sop_instance_uid,
+            sop_class_uid=identity.sop_class_uid,
+            study_uid=identity.study_uid,
+            series_uid=identity.series_uid,
+            path=str(path),
+            transfer_syntax=str(transfer_syntax),
+            calling_ae=event.assoc.requestor.ae_title,
+            size_bytes=size,
+        )
+        if not path.exists():
+            # Retention removed the study (rows and files, in one transaction) after
+            # persist_instance found this file there and before our row was committed:
+            # the row is ours now, so the file must be again.
+            log.warning("instance_rewritten", sop_instance_uid=identity.sop_instance_uid)
+            path = _persist(event, store, identity)
         log.info(
             "instance_stored" if new else "instance_duplicate",
             sop_instance_uid=identity.sop_instance_uid,

@@ -51,7 +51,9 @@ from dicom_node.receive.handlers import (
     log_established,
     log_released,
 )
-from dicom_node.receive.limits import DimseGuard, StorageLimits, read_pdu_bounded
+from dicom_node.receive.limits import DimseGuard, PduReader, read_pdu_bounded
+from dicom_node.receive.reactor import wake_on_activity
+from dicom_node.receive.spool import StorageLimits
 from dicom_node.store import InstanceStore
 from dicom_node.tls import scp_context, server_handshake
 
@@ -103,6 +105,8 @@ class StoreRequestHandler(RequestHandler):
     - the DUL reads PDUs with bounded length and time, and the DIMSE decoder is fed through
       a guard that bounds command sets, in-memory data sets, queued requests and spooled
       data sets (dicom_node.receive.limits);
+    - the DUL waits on its socket and its outgoing queue instead of polling
+      (dicom_node.receive.reactor);
     - spool files of data sets never handed to the C-STORE handler are deleted;
     - an exception in the DUL thread (a peer's malformed bytes) is logged, not printed.
     """
@@ -112,10 +116,12 @@ class StoreRequestHandler(RequestHandler):
         server: StoreServer = self.server
         server.connections.attach(self.request, association)
         dul = association.dul
+        reader = PduReader(capacity=MAX_PDU_BYTES)
         dul._read_pdu_data = lambda: read_pdu_bounded(
-            dul, max_pdata_bytes=MAX_PDU_BYTES, timeout=server.ae.network_timeout
+            dul, reader, max_pdata_bytes=MAX_PDU_BYTES, timeout=server.ae.network_timeout
         )
         association.dimse.receive_primitive = DimseGuard(association, limits=server.limits, store=server.store)
+        outgoing = wake_on_activity(dul, unread=lambda: reader.buffered)
         run, dul_run = association.run, association.dul.run
 
         def run_then_discard() -> None:
@@ -123,6 +129,7 @@ class StoreRequestHandler(RequestHandler):
                 run()
             finally:
                 discard_unhandled_datasets(association)
+                outgoing.close()  # run() returns once the DUL thread has stopped
                 never_requested = association.requestor.primitive is None
                 server.connections.remove(
                     self.request, request_timeout=server.ae.acse_timeout if never_requested else None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.receive.handlers import INFLATE_CHUNK, InstanceRefused, _inflate
-from dicom_node.receive.limits import StorageLimits
+from dicom_node.receive.spool import StorageLimits
 from dicom_node.store import InstanceStore
 
 PREFIX = b"\x00" * 132  # stands for the spool's preamble and File Meta, skipped by offset
