@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_ingest: {tool} (dcmtk) is not on PATH", file=sys.stderr)
             return 2
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="ingest-", dir=args.work_dir))
+    # Absolute: the receivers resolve a relative data_dir against their config file.
+    work = Path(tempfile.mkdtemp(prefix="ingest-", dir=args.work_dir)).resolve()
     try:
         total = args.count * args.senders
         print(f"generating {total} images {args.rows}x{args.cols} (16-bit) in {work}")

@@ -4,6 +4,7 @@ receiver process and two sharing the port, with sane figures in its JSON."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +13,11 @@ from dicom_node.bench.ingest import main
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_bench_ingest_four_senders_against_one_and_two_receivers(tmp_path, capsys):
-    work, figures = tmp_path / "bench", tmp_path / "ingest.json"
+def test_bench_ingest_four_senders_against_one_and_two_receivers(tmp_path, capsys, monkeypatch):
+    # A relative work folder, as the default (.bench): the receivers' data_dir must still be
+    # where the bench counts their files.
+    monkeypatch.chdir(tmp_path)
+    work, figures = Path("bench"), tmp_path / "ingest.json"
     assert main(["--senders", "4", "--count", "2", "--rows", "64", "--cols", "48", "--repeat", "1",
                  "--work-dir", str(work), "--json", str(figures)]) == 0  # fmt: skip
     output = capsys.readouterr().out
