@@ -55,18 +55,12 @@ Versions the package version, Device Serial Number the host name (which node mad
 
 from __future__ import annotations
 
-import copy
-import math
 import platform
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
-from typing import Protocol
 
 import highdicom
 import numpy as np
-from highdicom._standard_utils import (
-    does_iod_have_pixel_data,  # pinned highdicom 0.28.2
-)
 from highdicom.color import CIELabColor
 from highdicom.pr import (
     AnnotationUnitsValues,
@@ -82,7 +76,6 @@ from highdicom.pr import (
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.valuerep import DA, TM
 
 from dicom_node import __version__
 from dicom_node.config import ReportConfig
@@ -97,29 +90,24 @@ from dicom_node.pixels import (
     display_of,
     stored_values,
 )
+from dicom_node.report.common import (
+    AI_NOTICE,
+    MODEL_NAME,
+    DetectionLike,
+    analysed_frame,
+    check_arguments,
+    clipped_boxes,
+    count,
+    fit,
+    image_statement,
+    index_images,
+    normalised_copy,
+    unreferenceable,
+)
 
 log = get_logger(__name__)
 
-MODEL_NAME = "dicom-node"
-AI_NOTICE = "AI, not for diagnosis"
-
-# Bulk data that the references never need: dropped from the working copies.
-_BULK_TAGS = frozenset(
-    Tag(keyword)
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData", "IconImageSequence")
-)
-# Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1) that
-# highdicom reads from the first image whether present or not.
-_TYPE2_TEXT = ("PatientName", "PatientID", "AccessionNumber", "StudyID", "ReferringPhysicianName")
 _RESCALE_TYPES = frozenset(value.value for value in highdicom.RescaleTypeValues)
-
-
-class DetectionLike(Protocol):
-    """What the builder needs of a detection (dicom_node.model.detector.Detection)."""
-
-    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in original pixels
-    score: float
-    label: str
 
 
 def build_gsps(
@@ -142,15 +130,15 @@ def build_gsps(
     Raises ValueError when the arguments contradict each other (a caller bug) and
     UnsupportedImage when the study's images cannot carry a presentation state.
     """
-    by_uid = _index_images(images)
-    _check_arguments(by_uid, detections, skipped)
+    by_uid = index_images(images)
+    check_arguments(by_uid, detections, skipped)
     study_uid = str(images[0].StudyInstanceUID)
 
     references: list[Dataset] = []
     for uid, ds in by_uid.items():
-        problem = _unreferenceable(ds)
+        problem = unreferenceable(ds)
         if problem is None:
-            references.append(_normalised_copy(ds))
+            references.append(normalised_copy(ds))
         elif uid in skipped:
             log.info("gsps_image_not_referenced", sop_instance_uid=uid, reason=problem)
         else:
@@ -160,13 +148,13 @@ def build_gsps(
             f"study {study_uid} has no grayscale image that a presentation state can reference"
         )
     analysed_frames = {
-        str(ds.SOPInstanceUID): _analysed_frame(ds, frames) for ds in references
+        str(ds.SOPInstanceUID): analysed_frame(ds, frames) for ds in references
     }
 
     layer = GraphicLayer(
         layer_name=report.graphic_layer,
         order=1,
-        description=_fit(f"{report.manufacturer} mass detection, {AI_NOTICE}", 64),
+        description=fit(f"{report.manufacturer} mass detection, {AI_NOTICE}", 64),
         display_color=CIELabColor.from_string("yellow"),
     )
     try:
@@ -186,7 +174,7 @@ def build_gsps(
             manufacturer=report.manufacturer,
             manufacturer_model_name=MODEL_NAME,
             software_versions=__version__,
-            device_serial_number=_fit(platform.node() or MODEL_NAME, 64),
+            device_serial_number=fit(platform.node() or MODEL_NAME, 64),
             content_label=report.content_label,
             content_description=_description(marked, not_analysed=len(skipped)),
             graphic_annotations=annotations,
@@ -212,78 +200,7 @@ def build_gsps(
 # ---------------------------------------------------------------- arguments and copies
 
 
-def _index_images(images: Sequence[Dataset]) -> dict[str, Dataset]:
-    if not images:
-        raise ValueError("images must not be empty")
-    by_uid: dict[str, Dataset] = {}
-    study_uids = set()
-    for ds in images:
-        uid = str(ds.SOPInstanceUID)
-        if uid in by_uid:
-            raise ValueError(f"image {uid} is listed twice")
-        by_uid[uid] = ds
-        study_uids.add(str(ds.StudyInstanceUID))
-    if len(study_uids) > 1:
-        raise ValueError(f"images belong to {len(study_uids)} studies; one GSPS covers one study")
-    return by_uid
-
-
-def _check_arguments(
-    by_uid: Mapping[str, Dataset],
-    detections: Mapping[str, Sequence[DetectionLike]],
-    skipped: Mapping[str, str],
-) -> None:
-    unknown = sorted(set(detections) - set(by_uid))
-    if unknown:
-        raise ValueError(f"detections for images not in images: {unknown}")
-    both = sorted(set(detections) & set(skipped))
-    if both:
-        raise ValueError(f"images both analysed and skipped: {both}")
-    # Leaving an image out of both would make "not analysed" look like "nothing found".
-    neither = sorted(set(by_uid) - set(detections) - set(skipped))
-    if neither:
-        raise ValueError(f"images neither in detections nor in skipped: {neither}")
-
-
-def _unreferenceable(ds: Dataset) -> str | None:
-    """Why `ds` cannot be referenced by a grayscale presentation state, or None."""
-    for keyword in ("SOPClassUID", "SeriesInstanceUID", "Rows", "Columns"):
-        if not ds.get(keyword):
-            return f"no {keyword}"
-    if not does_iod_have_pixel_data(ds.SOPClassUID):
-        return "not an image"
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        return "not a grayscale image"  # PS3.3 A.33.1: grayscale images only
-    return None
-
-
-def _normalised_copy(ds: Dataset) -> Dataset:
-    """A copy of `ds` without pixel data, with valid Type 2 patient and study attributes."""
-    result = Dataset()
-    for tag in ds.keys():
-        if tag in _BULK_TAGS or tag.is_private:
-            continue
-        result[tag] = copy.deepcopy(ds[tag])
-    for keyword in _TYPE2_TEXT:
-        if keyword not in result:
-            setattr(result, keyword, "")
-    result.PatientBirthDate = _valid_or_empty(result.get("PatientBirthDate"), DA)
-    result.StudyDate = _valid_or_empty(result.get("StudyDate"), DA)
-    result.StudyTime = _valid_or_empty(result.get("StudyTime"), TM)
-    # PS3.3 C.7.1.1: Patient's Sex is M, F, O or empty; highdicom refuses anything else.
-    sex = str(result.get("PatientSex") or "").strip().upper()
-    result.PatientSex = sex if sex in ("M", "F", "O") else ""
-    return result
-
-
-def _valid_or_empty(value, parse) -> str:
-    if not value:
-        return ""
-    try:
-        parsed = parse(str(value))
-    except ValueError:
-        return ""
-    return str(value) if parsed is not None else ""
+# ---------------------------------------------------------------- sizes
 
 
 def _with_size(ds: Dataset, like: Dataset) -> Dataset:
@@ -296,21 +213,6 @@ def _with_size(ds: Dataset, like: Dataset) -> Dataset:
     resized[Tag("Rows")] = DataElement(Tag("Rows"), "US", int(like.Rows))
     resized[Tag("Columns")] = DataElement(Tag("Columns"), "US", int(like.Columns))
     return resized
-
-
-def _is_multiframe(ds: Dataset) -> bool:
-    return int(ds.get("NumberOfFrames") or 1) > 1
-
-
-def _analysed_frame(ds: Dataset, frames: Mapping[str, int]) -> int | None:
-    """The 0-based frame the detector saw: from `frames`, else the central frame."""
-    if not _is_multiframe(ds):
-        return None
-    count = int(ds.NumberOfFrames)
-    frame = frames.get(str(ds.SOPInstanceUID), count // 2)
-    if not 0 <= frame < count:
-        raise ValueError(f"frame {frame} of {ds.SOPInstanceUID} is not in 0..{count - 1}")
-    return frame
 
 
 # ---------------------------------------------------------------- graphics
@@ -331,57 +233,24 @@ def _annotations(
     for ref in references:
         uid = str(ref.SOPInstanceUID)
         if uid in skipped:
-            text = f"{prefix}: not analysed: {_fit(skipped[uid], 80)}"
-            annotations.append(_summary_annotation(ref, layer, text))
+            annotations.append(_summary_annotation(ref, layer, image_statement(prefix, not_analysed=skipped[uid])))
             continue
-        boxes = _clipped_boxes(detections[uid], rows=int(ref.Rows), columns=int(ref.Columns))
-        if len(boxes) != len(detections[uid]):
-            log.warning(
-                "detections_outside_image", sop_instance_uid=uid,
-                dropped=len(detections[uid]) - len(boxes),
-            )
+        boxes = clipped_boxes(detections[uid], ref)
         marked += len(boxes)
         frame = frames[uid]
         if boxes:
             annotations.append(_boxes_annotation(ref, layer, boxes, frame=frame))
-            found = f"{_count(len(boxes), 'mass', 'masses')} marked"
-        else:
-            found = "analysed, no mass marked"
-        on_frame = f" on frame {frame + 1}" if frame is not None else ""
-        text = f"{prefix}: {found}{on_frame} - {AI_NOTICE}"
+        text = image_statement(prefix, marked=len(boxes), frame=frame)
         annotations.append(_summary_annotation(ref, layer, text))
 
     return annotations, marked
 
 
 def _description(marked: int, *, not_analysed: int) -> str:
-    description = f"{AI_NOTICE}: {_count(marked, 'mass', 'masses')} marked"
+    description = f"{AI_NOTICE}: {count(marked, 'mass', 'masses')} marked"
     if not_analysed:
-        description += f", {_count(not_analysed, 'image', 'images')} not analysed"
-    return _fit(description, 64)
-
-
-def _clipped_boxes(
-    detections: Sequence[DetectionLike], *, rows: int, columns: int
-) -> list[tuple[tuple[float, float, float, float], str]]:
-    """(box, label text) per detection, boxes clipped to the image; empty boxes dropped.
-
-    PIXEL units put 0.0 at the top left corner of the first pixel and Columns\\Rows at the
-    bottom right corner of the last (PS3.3 C.10.5.1.2): the detector's convention, so the
-    boxes go in unchanged, only clipped.
-    """
-    result = []
-    for detection in sorted(detections, key=lambda d: -float(d.score)):
-        x0, y0, x1, y1 = (float(v) for v in detection.box)
-        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-            continue
-        x0, x1 = sorted((min(max(x0, 0.0), columns), min(max(x1, 0.0), columns)))
-        y0, y1 = sorted((min(max(y0, 0.0), rows), min(max(y1, 0.0), rows)))
-        if x1 - x0 <= 0 or y1 - y0 <= 0:
-            continue
-        label = f"{getattr(detection, 'label', 'mass')} {float(detection.score):.2f}"
-        result.append(((x0, y0, x1, y1), label))
-    return result
+        description += f", {count(not_analysed, 'image', 'images')} not analysed"
+    return fit(description, 64)
 
 
 def _rectangle(box: tuple[float, float, float, float]) -> np.ndarray:
@@ -413,20 +282,20 @@ def _boxes_annotation(
     graphics = [
         GraphicObject(
             graphic_type=GraphicTypeValues.POLYLINE,
-            graphic_data=_rectangle(box),
+            graphic_data=_rectangle(mark.box),
             units=AnnotationUnitsValues.PIXEL,
             is_filled=False,
         )
-        for box, _ in boxes
+        for mark in boxes
     ]
     texts = [
         TextObject(
-            text_value=label,
+            text_value=mark.text,
             units=AnnotationUnitsValues.PIXEL,
-            bounding_box=_label_box(box, label, rows=rows, columns=columns),
+            bounding_box=_label_box(mark.box, mark.text, rows=rows, columns=columns),
             text_justification=TextJustificationValues.LEFT,
         )
-        for box, label in boxes
+        for mark in boxes
     ]
     return GraphicAnnotation(
         referenced_images=[ref],
@@ -602,7 +471,7 @@ def _normalised_table(table: LookupTable) -> highdicom.VOILUT:
     return highdicom.VOILUT(
         first_mapped_value=table.first_mapped,
         lut_data=np.round((entries - low) * scale).astype(np.uint16),
-        lut_explanation=_fit(table.explanation, 64) if table.explanation else None,
+        lut_explanation=fit(table.explanation, 64) if table.explanation else None,
     )
 
 
@@ -622,14 +491,3 @@ def _baked_table(ref: Dataset, display: Display, shift: int) -> highdicom.VOILUT
         lut_data=levels.astype(np.uint16),
         lut_explanation="MODALITY, VOI AND POLARITY",
     )
-
-
-# ---------------------------------------------------------------- text helpers
-
-
-def _count(n: int, singular: str, plural: str) -> str:
-    return f"{n} {singular if n == 1 else plural}"
-
-
-def _fit(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
