@@ -17,6 +17,7 @@ import os
 import queue
 import select
 import threading
+import weakref
 from collections.abc import Callable
 
 IDLE_WAIT_SECONDS = 0.01
@@ -25,44 +26,61 @@ IDLE_WAIT_SECONDS = 0.01
 class SignallingQueue(queue.Queue):
     """A queue whose put() also makes an eventfd readable, for select().
 
-    `close()` releases the eventfd; a put() after it (a late abort) only queues. The fd is
-    read and closed under one lock, so a number reused by another file after the close is
-    never read from.
+    `close()` releases the eventfd (so does garbage collection, as a safety net); a put()
+    after it (a late abort) only queues.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._signal_lock = threading.Lock()
-        self._fd: int | None = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._signal = _EventFd()
+        # An association that never ran (it failed to start) never calls close().
+        weakref.finalize(self, self._signal.close)
 
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        with self._signal_lock:
-            if self._fd is not None:
-                os.eventfd_write(self._fd, 1)
+        self._signal.write()
 
     def wait(self, sock, timeout: float) -> None:
         """Until `sock` (if any) is readable, something is put, or `timeout` passes."""
-        with self._signal_lock:
-            fd = self._fd
+        fd = self._signal.fd
         if fd is None:
             return
         try:
             select.select([fd] if sock is None else [sock, fd], [], [], timeout)
         except (OSError, ValueError):  # the socket was closed meanwhile
             return
-        with self._signal_lock:
-            if self._fd is not None:
+        self._signal.reset()
+
+    def close(self) -> None:
+        self._signal.close()
+
+
+class _EventFd:
+    """An eventfd that is written, reset and closed under one lock: after close() its
+    number, which the kernel may give to another file, is never touched again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.fd: int | None = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def write(self) -> None:
+        with self._lock:
+            if self.fd is not None:
+                os.eventfd_write(self.fd, 1)
+
+    def reset(self) -> None:
+        with self._lock:
+            if self.fd is not None:
                 try:
-                    os.eventfd_read(self._fd)  # reset the count
+                    os.eventfd_read(self.fd)
                 except BlockingIOError:
                     pass
 
     def close(self) -> None:
-        with self._signal_lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+        with self._lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
 
 
 def wake_on_activity(dul, *, unread: Callable[[], int]) -> SignallingQueue:

@@ -1,0 +1,54 @@
+"""The DUL thread waits on its socket and on an eventfd its outgoing queue signals: the wait
+ends when something is queued, and no association leaves a file descriptor behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+
+from dicom_node.receive.reactor import SignallingQueue
+from tests.integration.process import wait_for
+from tests.receive.helpers import echoscu
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_put_ends_the_wait_at_once():
+    queue = SignallingQueue()
+    try:
+        threading.Timer(0.2, queue.put, args=("primitive",)).start()
+        started = time.monotonic()
+        queue.wait(None, timeout=30)
+        assert time.monotonic() - started < 10, "the wait ran to its timeout: put() did not wake it"
+        assert queue.get_nowait() == "primitive"
+        queue.wait(None, timeout=0.05)  # the signal was consumed: this one waits its timeout out
+    finally:
+        queue.close()
+
+
+def test_closed_or_forgotten_queues_release_their_eventfd():
+    before = open_fds()
+    queues = [SignallingQueue() for _ in range(50)]
+    assert open_fds() == before + 50
+    for queue in queues[:25]:
+        queue.put("x")
+        queue.close()
+        queue.put("after close: queued, not signalled")
+    assert open_fds() == before + 25
+    del queues, queue
+    gc.collect()
+    assert open_fds() == before
+
+
+def test_associations_leave_no_file_descriptor_behind(node):
+    assert echoscu(node.port).returncode == 0  # the first association warms up what stays
+    wait_for(lambda: not node.server.active_associations, 10, description="the association to end")
+    before = open_fds()
+    for _ in range(20):
+        assert echoscu(node.port).returncode == 0
+    wait_for(lambda: not node.server.active_associations, 10, description="the associations to end")
+    assert open_fds() <= before
