@@ -35,8 +35,6 @@ from dicom_node.queue.outage import Outage
 
 log = get_logger("dicom_node.worker")
 
-DEMO_SERIES_DESCRIPTION = "DEMO WEIGHTS, synthetic masses only - NOT FOR DIAGNOSIS"
-
 
 def result_uid(analysis_key: str, model: str, purpose: str) -> str:
     """A UID of one analysis's result: the same on every attempt, another for any other analysis.
@@ -143,6 +141,7 @@ def report_study(paths, detector, config: Config, *, analysis_key: str | None = 
     The GSPS UIDs derive from `analysis_key` (the job's) and the detector's fingerprint;
     without a key (offline analysis) they are new on every call.
     """
+    from dicom_node.report.common import DEMO_SERIES_DESCRIPTION
     from dicom_node.report.gsps import build_gsps
 
     analysis_key = analysis_key or new_analysis_key()

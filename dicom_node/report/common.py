@@ -24,6 +24,8 @@ log = get_logger("dicom_node.report")
 
 MODEL_NAME = "dicom-node"
 AI_NOTICE = "AI, not for diagnosis"
+# What a result of the demo weights says of itself (series description, burned-in captures).
+DEMO_SERIES_DESCRIPTION = "DEMO WEIGHTS, synthetic masses only - NOT FOR DIAGNOSIS"
 
 # Bulk data that the references never need: dropped from the working copies.
 _BULK_TAGS = frozenset(
@@ -190,6 +192,24 @@ def _clipped_boxes(detections: Sequence[DetectionLike], *, rows: int, columns: i
             continue
         result.append(Mark((x0, y0, x1, y1), float(detection.score), str(getattr(detection, "label", "mass"))))
     return result
+
+
+def label_box(
+    box: tuple[float, float, float, float], text: str, *, rows: int, columns: int
+) -> tuple[float, float, float, float]:
+    """Where a box's label goes: a text box just above `box` (below it at the top edge),
+    inside the image."""
+    x0, y0, x1, y1 = box
+    height = min(max(rows * 0.02, 8.0), float(rows))
+    width = min(max(x1 - x0, 0.6 * height * len(text)), float(columns))
+    left = min(x0, columns - width)
+    if y0 - height >= 0:
+        top = y0 - height
+    elif y1 + height <= rows:
+        top = y1
+    else:
+        top = y0
+    return (left, top, left + width, min(top + height, float(rows)))
 
 
 def count(n: int, singular: str, plural: str) -> str:

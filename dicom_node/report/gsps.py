@@ -101,6 +101,7 @@ from dicom_node.report.common import (
     fit,
     image_statement,
     index_images,
+    label_box,
     normalised_copy,
     unreferenceable,
 )
@@ -258,23 +259,6 @@ def _rectangle(box: tuple[float, float, float, float]) -> np.ndarray:
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=float)
 
 
-def _label_box(
-    box: tuple[float, float, float, float], text: str, *, rows: int, columns: int
-) -> tuple[float, float, float, float]:
-    """A text box just above `box` (below it at the top edge), inside the image."""
-    x0, y0, x1, y1 = box
-    height = min(max(rows * 0.02, 8.0), float(rows))
-    width = min(max(x1 - x0, 0.6 * height * len(text)), float(columns))
-    left = min(x0, columns - width)
-    if y0 - height >= 0:
-        top = y0 - height
-    elif y1 + height <= rows:
-        top = y1
-    else:
-        top = y0
-    return (left, top, left + width, min(top + height, float(rows)))
-
-
 def _boxes_annotation(
     ref: Dataset, layer: GraphicLayer, boxes, *, frame: int | None
 ) -> GraphicAnnotation:
@@ -292,7 +276,7 @@ def _boxes_annotation(
         TextObject(
             text_value=mark.text,
             units=AnnotationUnitsValues.PIXEL,
-            bounding_box=_label_box(mark.box, mark.text, rows=rows, columns=columns),
+            bounding_box=label_box(mark.box, mark.text, rows=rows, columns=columns),
             text_justification=TextJustificationValues.LEFT,
         )
         for mark in boxes
