@@ -78,8 +78,8 @@ def _job_summary(job) -> dict:
         "result_sop_instance_uid": job.result_sop_instance_uid,
         "next_attempt_at": _next_attempt(job),
         "deliveries": [
-            {"destination": d.destination, "state": d.state, "attempts": d.attempts, "error": d.error,
-             "next_attempt_at": _next_attempt(d)}
+            {"destination": d.destination, "output": d.output, "state": d.state, "attempts": d.attempts,
+             "error": d.error, "next_attempt_at": _next_attempt(d)}
             for d in job.deliveries
         ],
     }
@@ -106,7 +106,8 @@ def cmd_jobs(args) -> int:
                 print(f"{'':>6}  error: {job.error}")
             for delivery in job.deliveries:
                 if delivery.error:
-                    print(f"{'':>6}  delivery {delivery.destination} ({delivery.state}): {delivery.error}")
+                    print(f"{'':>6}  delivery {delivery.destination} {delivery.output} ({delivery.state}): "
+                          f"{delivery.error}")
         return 0
     if args.jobs_command == "show":
         job = queue.get_job(args.job_id)

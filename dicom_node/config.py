@@ -29,6 +29,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from dicom_node.errors import ConfigError
 
+Output = Literal["gsps", "sr"]  # the results a destination may take (DestinationConfig.outputs)
 Architecture = Literal[
     "retinanet_r101_fpn",  # the study's best model, the default
     "retinanet_r50_fpn",
@@ -252,6 +253,17 @@ class DestinationConfig(_Section):
     # security.tls.ca_certificates (or a system CA) and name tls_server_name (default: host).
     tls: bool = False
     tls_server_name: str | None = None
+    # What the destination gets of each analysed study (README "What the radiologist sees"):
+    # "gsps", the presentation state (Weasis, most PACS workstations); "sr", the TID 1500
+    # structured report (OHIF). Each is its own delivery.
+    outputs: Annotated[list[Output], Field(min_length=1)] = ["gsps"]
+
+    @field_validator("outputs")
+    @classmethod
+    def _each_output_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists an output twice: {value}")
+        return value
 
 
 class DeliveryConfig(_Section):
@@ -438,6 +450,11 @@ class Config(_Section):
     def database_url(self) -> str:
         """queue.url, or the SQLite file in node.data_dir (the default)."""
         return self.queue.url or f"sqlite:///{self.node.data_dir / 'dicom-node.sqlite'}"
+
+    @property
+    def outputs_by_destination(self) -> dict[str, list[str]]:
+        """Destination name -> the outputs it takes."""
+        return {destination.name: list(destination.outputs) for destination in self.destinations}
 
     def destination(self, name: str) -> DestinationConfig:
         for destination in self.destinations:

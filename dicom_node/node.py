@@ -129,7 +129,7 @@ class Node:
         # Dead processes' spool areas and leases first (shared), then, before the SCP
         # listens: temp files, rows without files, files without rows.
         dead, abandoned = _reclaim(config, queue, area)
-        reconciled = reconcile(store, queue, destinations=[d.name for d in config.destinations])
+        reconciled = reconcile(store, queue, destinations=config.outputs_by_destination)
         if not config.shared_queue:
             # We hold the run lock alone, so whatever is still running was a crashed node's.
             abandoned = queue.expire_leases()

@@ -40,7 +40,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,6 +74,7 @@ class DeliveredResult:
     result_path: str
     sop_instance_uids: tuple[str, ...]  # the images the result covers
     delivered: dict[str, datetime]  # destination name -> when it was delivered there
+    output: str = "gsps"  # which of its job's results: "gsps", "sr"
 
 
 def validate_uid(value: object, *, name: str) -> str:
@@ -244,24 +245,35 @@ class InstanceStore:
         self._fsync_dir(final.parent)
         return final
 
-    def record_delivered(self, result_path: Path, destination: str, *, at: datetime | None = None) -> Path:
-        """Note in the study's ledger that the result at `result_path` reached `destination`.
+    def record_delivered(
+        self, result_path: Path, destination: str, *, output: str = "gsps", at: datetime | None = None
+    ) -> Path:
+        """Note in the study's ledger that the result at `result_path` (the job's `output`:
+        "gsps", "sr") reached `destination`.
 
         The result file says what it covers: its study, its SOP Instance UID, and every
-        image it references (PS3.3 C.11.11 Presentation State Relationship: the analysed
-        images and those skipped by design). Returns the ledger file.
+        image it references (a GSPS: PS3.3 C.11.11 Presentation State Relationship; a
+        structured report: C.17.2 Current Requested Procedure Evidence; the analysed images
+        and those skipped by design). Returns the ledger file.
         """
         at = at or datetime.now(timezone.utc)
         result = pydicom.dcmread(result_path, stop_before_pixels=True)
         study_uid = validate_uid(result.get("StudyInstanceUID"), name="Study Instance UID")
+        referenced = [
+            image.get("ReferencedSOPInstanceUID")
+            for series in result.get("ReferencedSeriesSequence", [])
+            for image in series.get("ReferencedImageSequence", [])
+        ] + [
+            image.get("ReferencedSOPInstanceUID")
+            for study in result.get("CurrentRequestedProcedureEvidenceSequence", [])
+            for series in study.get("ReferencedSeriesSequence", [])
+            for image in series.get("ReferencedSOPSequence", [])
+        ]
         entry = {
             "result_sop_instance_uid": validate_uid(result.get("SOPInstanceUID"), name="SOP Instance UID"),
             "result_file": Path(result_path).name,
-            "sop_instance_uids": sorted(
-                str(image.ReferencedSOPInstanceUID)
-                for series in result.get("ReferencedSeriesSequence", [])
-                for image in series.get("ReferencedImageSequence", [])
-            ),
+            "output": output,
+            "sop_instance_uids": sorted({str(uid) for uid in referenced if uid}),
             "delivered": {},
         }
         path = self.ledger_path(study_uid)
@@ -284,6 +296,7 @@ class InstanceStore:
                 result_path=str(self.results_dir / entry["result_file"]),
                 sop_instance_uids=tuple(entry["sop_instance_uids"]),
                 delivered={name: datetime.fromisoformat(at) for name, at in entry["delivered"].items()},
+                output=entry.get("output", "gsps"),  # ledgers written before outputs: the GSPS
             )
             for entry in ledger["results"]
         ]
@@ -608,7 +621,9 @@ def _stored_identity(store: InstanceStore, path: Path) -> dict | None:
     }
 
 
-def reconcile(store: InstanceStore, queue, *, destinations: Collection[str] = ()) -> Reconciliation:
+def reconcile(
+    store: InstanceStore, queue, *, destinations: Mapping[str, Sequence[str]] | Collection[str] = ()
+) -> Reconciliation:
     """Make the instance files and the instance rows agree again; call at startup only.
 
     - tmp/ is emptied (writes a crash interrupted; never acknowledged);
@@ -621,7 +636,8 @@ def reconcile(store: InstanceStore, queue, *, destinations: Collection[str] = ()
     - a study whose files were recorded here and which has no job (the database was
       rebuilt) gets its delivered results back from the ledger as done jobs: the images
       they cover are not analysed and sent again, later images are. A destination of
-      `destinations` that a result never reached gets a pending delivery of it.
+      `destinations` (name -> the outputs it takes; a list of names takes the GSPS) that
+      takes a result's output and never got it gets a pending delivery of it.
     """
     result = Reconciliation(temp_files_removed=store.remove_orphan_temp_files())
     on_disk = {os.path.abspath(path): path for path in store.instance_files()}

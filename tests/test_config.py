@@ -49,6 +49,24 @@ def test_duplicate_destination_names_are_rejected():
         parse_config({"destinations": [destination, destination]}, base_dir=Path("."))
 
 
+@pytest.mark.parametrize("outputs, message", [
+    ([], r"destinations\[0\]\.outputs: .*at least 1"),
+    (["gsps", "gsps"], r"destinations\[0\]\.outputs: .*twice"),
+    (["gsps", "pdf"], r"destinations\[0\]\.outputs\[1\]: .*'gsps' or 'sr'"),
+])
+def test_destination_outputs_are_checked(outputs, message):
+    destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104, "outputs": outputs}
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"destinations": [destination]}, base_dir=Path("."))
+
+
+def test_a_destination_takes_the_gsps_unless_told_otherwise():
+    destinations = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+                    {"name": "ohif", "ae_title": "OHIF", "host": "127.0.0.1", "port": 4242, "outputs": ["sr"]}]
+    config = parse_config({"destinations": destinations}, base_dir=Path("."))
+    assert config.outputs_by_destination == {"pacs": ["gsps"], "ohif": ["sr"]}
+
+
 def test_unreadable_and_invalid_toml_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.toml")

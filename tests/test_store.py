@@ -265,3 +265,25 @@ def test_a_starting_process_removes_dead_processes_temp_files_and_never_a_live_o
     finally:
         live.kill()
         live.wait()
+
+
+def test_the_ledger_names_each_output_and_the_images_a_report_covers(store):
+    from pydicom.uid import generate_uid as new_uid
+
+    from dicom_node.config import ReportConfig
+    from dicom_node.report.sr import build_sr
+
+    study = new_uid()
+    images = [synthetic.mammogram(study_uid=study, seed=i) for i in range(2)]
+    report = build_sr(images, {str(ds.SOPInstanceUID): [] for ds in images}, report=ReportConfig(),
+                      weights_label="test", sop_instance_uid=new_uid(), series_instance_uid=new_uid(),
+                      series_number=9902, series_description="SR")
+    path = store.write_result(report, name=f"{report.SOPInstanceUID}.dcm")
+    ledger = store.record_delivered(path, "ohif", output="sr")
+    (entry,) = store.delivered_results(study)
+    assert (entry.output, entry.result_sop_instance_uid) == ("sr", report.SOPInstanceUID)
+    assert set(entry.sop_instance_uids) == {str(ds.SOPInstanceUID) for ds in images}
+    # A ledger written before outputs existed: its results are GSPS.
+    old = ledger.read_text().replace('"output": "sr",', "")
+    ledger.write_text(old)
+    assert [e.output for e in store.delivered_results(study)] == ["gsps"]

@@ -135,23 +135,29 @@ class _Heartbeat:
         self._thread.join()
 
 
+def _report_config(detector, config: Config):
+    from dicom_node.report.common import DEMO_SERIES_DESCRIPTION
+
+    report = config.report
+    if getattr(detector, "label", "").upper().startswith("DEMO"):
+        # The radiologist sees the series description in the viewer's series list: a
+        # result of the demo weights must say what it is there, whatever the config says.
+        report = report.model_copy(update={"series_description": DEMO_SERIES_DESCRIPTION})
+    return report
+
+
 def report_study(paths, detector, config: Config, *, analysis_key: str | None = None, job_log=log):
     """Analyse one study's files and build its GSPS; returns (gsps, analysis).
 
     The GSPS UIDs derive from `analysis_key` (the job's) and the detector's fingerprint;
     without a key (offline analysis) they are new on every call.
     """
-    from dicom_node.report.common import DEMO_SERIES_DESCRIPTION
     from dicom_node.report.gsps import build_gsps
 
     analysis_key = analysis_key or new_analysis_key()
     model = detector.fingerprint
     analysis = analyse_study(paths, detector, config, job_log=job_log)
-    report = config.report
-    if getattr(detector, "label", "").upper().startswith("DEMO"):
-        # The radiologist sees the series description in the viewer's series list: a
-        # result of the demo weights must say what it is there, whatever the config says.
-        report = report.model_copy(update={"series_description": DEMO_SERIES_DESCRIPTION})
+    report = _report_config(detector, config)
     gsps = build_gsps(
         analysis.images,
         analysis.detections,
@@ -162,6 +168,28 @@ def report_study(paths, detector, config: Config, *, analysis_key: str | None = 
         frames=analysis.frames,
     )
     return gsps, analysis
+
+
+def structured_report(analysis: StudyAnalysis, detector, config: Config, *, analysis_key: str):
+    """The TID 1500 report of an analysed study (dicom_node.report.sr), in the series after
+    the GSPS's; its UIDs derive from the job's key and the model, as the GSPS's do."""
+    from dicom_node.report.common import fit
+    from dicom_node.report.sr import build_sr
+
+    report = _report_config(detector, config)
+    model = detector.fingerprint
+    return build_sr(
+        analysis.images,
+        analysis.detections,
+        report=report,
+        weights_label=str(getattr(detector, "label", "") or detector.architecture),
+        sop_instance_uid=result_uid(analysis_key, model, "sr-instance"),
+        series_instance_uid=result_uid(analysis_key, model, "sr-series"),
+        series_number=report.series_number + 1,
+        series_description=fit(report.series_description, 61) + " SR",
+        skipped=analysis.skipped,
+        frames=analysis.frames,
+    )
 
 
 def check_files_present(instances) -> None:
@@ -221,6 +249,10 @@ def process_job(
             )
             gsps_uid = str(gsps.SOPInstanceUID)
             path = store.write_result(gsps, name=f"{gsps_uid}.dcm")
+            outputs = {}
+            if any("sr" in wanted for wanted in config.outputs_by_destination.values()):
+                sr = structured_report(analysis, detector, config, analysis_key=job.analysis_key)
+                outputs["sr"] = (str(store.write_result(sr, name=f"{sr.SOPInstanceUID}.dcm")), str(sr.SOPInstanceUID))
     except Exception as error:
         # PermanentError (corrupt pixels, unreadable file) fails at once; anything else
         # is retried with backoff, up to workers.max_attempts.
@@ -248,7 +280,8 @@ def process_job(
                 result_path=str(path),
                 result_sop_instance_uid=gsps_uid,
                 detections=analysis.detection_count,
-                destinations=[d.name for d in config.destinations],
+                destinations=config.outputs_by_destination,
+                outputs=outputs,
             ),
             stop=stop,
         )
@@ -269,6 +302,7 @@ def process_job(
         skipped=len(analysis.skipped),
         detections=analysis.detection_count,
         gsps_sop_instance_uid=gsps_uid,
+        sr_sop_instance_uid=outputs["sr"][1] if "sr" in outputs else None,
     )
 
 

@@ -46,7 +46,7 @@ def deliver_once(
         return False
     delivery_log = log.bind(
         delivery_id=delivery.id, job_id=delivery.job_id, destination=delivery.destination,
-        sop_instance_uid=delivery.sop_instance_uid,
+        output=delivery.output, sop_instance_uid=delivery.sop_instance_uid,
     )
     policy = config.delivery
     try:
@@ -86,7 +86,7 @@ def _destination_label(config: Config, name: str) -> str:
 def _note_delivered(store: InstanceStore, delivery, delivery_log) -> None:
     """Add the delivery to the study's ledger; a failure is logged (the database still has it)."""
     try:
-        store.record_delivered(Path(delivery.path), delivery.destination)
+        store.record_delivered(Path(delivery.path), delivery.destination, output=delivery.output)
     except (OSError, LedgerError) as error:  # disk full, a ledger we cannot read
         delivery_log.error("ledger_write_failed", error=str(error))
     except Exception as error:  # a result file that does not read back: its type, not its contents

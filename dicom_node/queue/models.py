@@ -149,10 +149,13 @@ deliveries = Table(
     Column("id", Integer, primary_key=True),
     Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
     Column("destination", String(128), nullable=False),
+    # Which result goes there: "gsps", "sr" (destinations[].outputs). Revision 0004.
+    Column("output", String(8), nullable=False, server_default="gsps"),
     Column("path", Text, nullable=False),
     Column("sop_instance_uid", UID, nullable=False),
     *_lease_columns(),
-    UniqueConstraint("job_id", "destination"),
+    # Each result of a job reaches each destination once.
+    UniqueConstraint("job_id", "destination", "output"),
     Index("ix_deliveries_state_run_after", "state", "run_after"),
 )
 
@@ -175,7 +178,7 @@ class Instance:
 
 @dataclass(frozen=True)
 class Delivery:
-    """Sending one result file to one configured destination."""
+    """Sending one result file (one of the job's outputs) to one configured destination."""
 
     id: int
     job_id: int
@@ -190,9 +193,11 @@ class Delivery:
     run_after: datetime
     created_at: datetime
     updated_at: datetime
+    output: str = "gsps"  # which of the job's results: "gsps" or "sr"
 
     def log_context(self) -> dict:
-        return {"delivery_id": self.id, "job_id": self.job_id, "destination": self.destination}
+        return {"delivery_id": self.id, "job_id": self.job_id, "destination": self.destination,
+                "output": self.output}
 
 
 @dataclass(frozen=True)

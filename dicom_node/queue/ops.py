@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -315,6 +315,14 @@ def _count_in(conn: Connection, column, values: list[str], *where) -> int:
         )
         for start in range(0, len(values), _IN_CHUNK)
     )
+
+
+def _outputs_by_destination(destinations: Mapping[str, Sequence[str]] | Collection[str]) -> dict[str, tuple[str, ...]]:
+    """Destination name -> the outputs it takes, each once; a plain collection of names
+    takes the GSPS."""
+    if isinstance(destinations, Mapping):
+        return {name: tuple(dict.fromkeys(outputs)) for name, outputs in destinations.items()}
+    return {name: ("gsps",) for name in dict.fromkeys(destinations)}
 
 
 def _jobs_with_deliveries(conn: Connection, rows) -> list[Job]:
@@ -669,14 +677,32 @@ class Queue:
         result_path: str,
         result_sop_instance_uid: str,
         detections: int,
-        destinations: list[str],
+        destinations: Mapping[str, Sequence[str]] | Sequence[str],
+        outputs: Mapping[str, tuple[str, str]] | None = None,
         now: datetime | None = None,
     ) -> None:
-        """Mark the job done and create one pending delivery per destination, in one transaction.
+        """Mark the job done and create one pending delivery per destination and output, in
+        one transaction.
 
-        Raises LeaseLost (and changes nothing) if `worker` no longer holds the job.
+        The job's result (`result_path`, `result_sop_instance_uid`) is its GSPS; `outputs`
+        gives the others ("sr": (path, SOP Instance UID)). `destinations` maps each name to
+        the outputs it takes; a plain list of names takes the GSPS. Raises LeaseLost (and
+        changes nothing) if `worker` no longer holds the job.
         """
         now = now or utcnow()
+        results = {"gsps": (str(result_path), result_sop_instance_uid), **(outputs or {})}
+        wanted = _outputs_by_destination(destinations)
+        rows = []
+        for destination, names in wanted.items():
+            for output in names:
+                if output not in results:
+                    raise ValueError(f"destination {destination} takes {output!r}, which the job did not make")
+                path, sop_instance_uid = results[output]
+                rows.append({
+                    "job_id": job_id, "destination": destination, "output": output, "path": str(path),
+                    "sop_instance_uid": sop_instance_uid, "state": State.PENDING, "attempts": 0,
+                    "run_after": now, "created_at": now, "updated_at": now,
+                })
         with self._write() as conn:
             _finish(
                 conn,
@@ -688,20 +714,6 @@ class Queue:
                 result_sop_instance_uid=result_sop_instance_uid,
                 detections=detections,
             )
-            rows = [
-                {
-                    "job_id": job_id,
-                    "destination": destination,
-                    "path": str(result_path),
-                    "sop_instance_uid": result_sop_instance_uid,
-                    "state": State.PENDING,
-                    "attempts": 0,
-                    "run_after": now,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for destination in dict.fromkeys(destinations)
-            ]
             if rows:
                 conn.execute(insert(deliveries), rows)
 
@@ -816,16 +828,17 @@ class Queue:
         study_uid: str,
         results: Iterable,
         *,
-        resend_to: Collection[str] = (),
+        resend_to: Mapping[str, Sequence[str]] | Collection[str] = (),
         now: datetime | None = None,
     ) -> list[int]:
         """Record a study's delivered results as done jobs, after the database was rebuilt.
 
         `results` are the study's entries of the delivered-results ledger, oldest first
-        (objects with `result_sop_instance_uid`, `result_path`, `sop_instance_uids` and
-        `delivered`: {destination: when}); see store.reconcile. Each becomes a done job
-        with a done delivery per destination it reached, and a pending one for each
-        destination of `resend_to` it never reached. The study's recorded instances
+        (objects with `result_sop_instance_uid`, `result_path`, `sop_instance_uids`,
+        `delivered`: {destination: when}, and `output`, "gsps" when absent); see
+        store.reconcile. Each becomes a done job with a done delivery per destination it
+        reached, and a pending one for each destination of `resend_to` (name -> outputs it
+        takes; a plain list of names takes the GSPS) that takes its output and never got it. The study's recorded instances
         that the results cover count as enqueued, so they are not analysed again; an
         instance none covers (it came later) makes the study ready as usual.
 
@@ -839,8 +852,10 @@ class Queue:
             if not results or conn.scalar(has_jobs) is not None:
                 return []
             created, covered = [], set()
+            takes = _outputs_by_destination(resend_to)
             for result in results:
                 delivered: Mapping[str, datetime] = result.delivered
+                output = getattr(result, "output", "gsps")
                 finished = max(delivered.values(), default=now)
                 job_id = _insert_job(
                     conn, study_uid, now, state=State.DONE, attempts=1, run_after=finished,
@@ -854,11 +869,11 @@ class Queue:
                 ] + [
                     {"destination": name, "state": State.PENDING, "attempts": 0, "run_after": now,
                      "created_at": now, "updated_at": now}
-                    for name in dict.fromkeys(resend_to) if name not in delivered
+                    for name, names in takes.items() if output in names and name not in delivered
                 ]
                 if rows:
                     conn.execute(insert(deliveries), [
-                        {**row, "job_id": job_id, "path": str(result.result_path),
+                        {**row, "job_id": job_id, "output": output, "path": str(result.result_path),
                          "sop_instance_uid": result.result_sop_instance_uid}
                         for row in rows
                     ])

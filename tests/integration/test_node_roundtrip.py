@@ -44,8 +44,11 @@ def fixed_boxes_file(folder: Path, boxes) -> Path:
     return path
 
 
-def start_node(tmp_path: Path, orthanc, detector: dict, sections: dict | None = None) -> NodeProcess:
-    """A node delivering to `orthanc`; `sections` adds config sections (e.g. [queue])."""
+def start_node(
+    tmp_path: Path, orthanc, detector: dict, sections: dict | None = None, *, outputs: list[str] | None = None
+) -> NodeProcess:
+    """A node delivering to `orthanc` (`outputs`: what it sends there, the default when None);
+    `sections` adds config sections (e.g. [queue])."""
     config = write_config(
         tmp_path / "node.toml",
         {
@@ -58,7 +61,7 @@ def start_node(tmp_path: Path, orthanc, detector: dict, sections: dict | None = 
             "delivery": {"retry_backoff_seconds": 1, "max_backoff_seconds": 5},
         },
         destinations=[{"name": "orthanc", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
-                       "port": orthanc.dicom_port}],
+                       "port": orthanc.dicom_port, **({"outputs": outputs} if outputs else {})}],
     )
     node = NodeProcess(config).start()
     orthanc.client.put_modality("dicom_node", ae_title="DICOM_NODE", host="127.0.0.1", port=node.port)
@@ -84,9 +87,10 @@ def node_factory(tmp_path, orthanc):
         assert status == 0, "dicom-node did not exit 0 on SIGTERM"
 
 
-def gsps_for_study(orthanc, study_uid: str) -> list[pydicom.Dataset]:
+def gsps_for_study(orthanc, study_uid: str, sop_class_uid: str = GSPS_SOP_CLASS) -> list[pydicom.Dataset]:
+    """The study's objects of `sop_class_uid` (default: GSPS) that Orthanc holds."""
     found = []
-    for instance_id in orthanc.client.find_by_sop_class(GSPS_SOP_CLASS):
+    for instance_id in orthanc.client.find_by_sop_class(sop_class_uid):
         ds = orthanc.client.instance_dataset(instance_id)
         if ds.StudyInstanceUID == study_uid:
             found.append(ds)

@@ -23,7 +23,7 @@ def test_migrate_twice_keeps_the_data(queue, database_url):
     finally:
         again.close()
     with queue._engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [("0003",)]
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [("0004",)]
         assert conn.exec_driver_sql("SELECT count(*) FROM instances").all() == [(1,)]
 
 

@@ -92,6 +92,40 @@ def test_instance_after_analysis_starts_generation_two(queue):
     assert len(queue.study_instances(study)) == 2
 
 
+def test_each_destination_gets_a_delivery_of_each_output_it_takes(queue):
+    study = new_uid()
+    record(queue, study, now=T0)
+    (job_id,) = queue.enqueue_ready_studies(stable_seconds=0, now=T0)
+    queue.claim_next_job(worker="w1", lease_seconds=LEASE, now=T0)
+    gsps, sr = new_uid(), new_uid()
+    queue.complete_job(
+        job_id, worker="w1", result_path="/r/gsps.dcm", result_sop_instance_uid=gsps, detections=1,
+        destinations={"pacs": ["gsps"], "ohif": ["sr"], "both": ["gsps", "sr"]},
+        outputs={"sr": ("/r/sr.dcm", sr)}, now=T0 + s(1),
+    )
+    deliveries = {(d.destination, d.output): (d.path, d.sop_instance_uid, d.state)
+                  for d in queue.get_job(job_id).deliveries}
+    assert deliveries == {
+        ("pacs", "gsps"): ("/r/gsps.dcm", gsps, State.PENDING),
+        ("ohif", "sr"): ("/r/sr.dcm", sr, State.PENDING),
+        ("both", "gsps"): ("/r/gsps.dcm", gsps, State.PENDING),
+        ("both", "sr"): ("/r/sr.dcm", sr, State.PENDING),
+    }
+    claimed = {queue.claim_next_delivery(worker="d", lease_seconds=LEASE, now=T0 + s(2)).id for _ in range(4)}
+    assert len(claimed) == 4 and queue.claim_next_delivery(worker="d", lease_seconds=LEASE, now=T0 + s(2)) is None
+
+
+def test_an_output_the_job_did_not_make_is_a_caller_bug(queue):
+    study = new_uid()
+    record(queue, study, now=T0)
+    (job_id,) = queue.enqueue_ready_studies(stable_seconds=0, now=T0)
+    queue.claim_next_job(worker="w1", lease_seconds=LEASE, now=T0)
+    with pytest.raises(ValueError, match="ohif takes 'sr'"):
+        queue.complete_job(job_id, worker="w1", result_path="/r/1.dcm", result_sop_instance_uid=new_uid(),
+                           detections=0, destinations={"ohif": ["sr"]}, now=T0 + s(1))
+    assert queue.get_job(job_id).state == State.RUNNING  # nothing recorded
+
+
 def test_instance_while_job_still_pending_joins_that_job(queue):
     study = new_uid()
     record(queue, study, now=T0)

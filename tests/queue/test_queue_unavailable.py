@@ -136,17 +136,22 @@ def test_every_job_gets_its_own_analysis_key(queue):
     assert len(set(keys)) == 3 and all(len(key) == 32 for key in keys)
 
 
-def test_migration_0003_gives_existing_jobs_distinct_analysis_keys(tmp_path):
-    path = tmp_path / "old.sqlite"
+def database_at_revision(path, revision: str):
+    """A SQLite job table migrated up to `revision` only, as an older node left it."""
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
     engine = create_engine(f"sqlite:///{path}")
     try:
         with engine.begin() as conn:
             config.attributes["connection"] = conn
-            command.upgrade(config, "0002")
+            command.upgrade(config, revision)
     finally:
         engine.dispose()
+    return path
+
+
+def test_migration_0003_gives_existing_jobs_distinct_analysis_keys(tmp_path):
+    path = database_at_revision(tmp_path / "old.sqlite", "0002")
     with sqlite3.connect(path) as raw:
         for n in (1, 2):
             raw.execute(f"INSERT INTO studies VALUES ('1.2.{n}', '2025-01-01 00:00:00', '2025-01-01 00:00:00', "
@@ -161,6 +166,53 @@ def test_migration_0003_gives_existing_jobs_distinct_analysis_keys(tmp_path):
     finally:
         queue.close()
     assert len(keys) == 2 and all(key and len(key) == 32 for key in keys)
+
+
+def test_migration_0004_keeps_deliveries_as_gsps_deliveries_and_allows_other_outputs(tmp_path):
+    path = database_at_revision(tmp_path / "old.sqlite", "0003")
+    stamp = "'2025-01-01 00:00:00'"
+    with sqlite3.connect(path) as raw:
+        raw.execute(f"INSERT INTO studies VALUES ('1.2.1', {stamp}, {stamp}, NULL, 1, 1)")
+        raw.execute("INSERT INTO jobs (study_uid, generation, state, attempts, run_after, created_at, updated_at, "
+                    f"result_path, result_sop_instance_uid) VALUES ('1.2.1', 1, 'done', 1, {stamp}, {stamp}, "
+                    f"{stamp}, '/r/g.dcm', '1.2.9')")
+        raw.execute("INSERT INTO deliveries (job_id, destination, path, sop_instance_uid, state, attempts, "
+                    f"run_after, created_at, updated_at) VALUES (1, 'pacs', '/r/g.dcm', '1.2.9', 'pending', 0, "
+                    f"{stamp}, {stamp}, {stamp})")
+    queue = Queue(f"sqlite:///{path}")
+    try:
+        queue.migrate()
+        (delivery,) = queue.get_job(1).deliveries
+        assert (delivery.destination, delivery.output, delivery.path, delivery.state) == (
+            "pacs", "gsps", "/r/g.dcm", "pending")
+    finally:
+        queue.close()
+    with sqlite3.connect(path) as raw:  # the widened constraint: one row per job, destination, output
+        raw.execute("INSERT INTO deliveries (job_id, destination, output, path, sop_instance_uid, state, "
+                    f"attempts, run_after, created_at, updated_at) VALUES (1, 'pacs', 'sr', '/r/s.dcm', '1.2.8', "
+                    f"'pending', 0, {stamp}, {stamp}, {stamp})")
+        with pytest.raises(sqlite3.IntegrityError):
+            raw.execute("INSERT INTO deliveries (job_id, destination, output, path, sop_instance_uid, state, "
+                        f"attempts, run_after, created_at, updated_at) VALUES (1, 'pacs', 'sr', '/r/s.dcm', "
+                        f"'1.2.8', 'pending', 0, {stamp}, {stamp}, {stamp})")
+
+
+def test_a_restored_report_is_resent_only_to_destinations_that_take_reports(queue):
+    study = new_uid()
+    sops = [new_uid() for _ in range(2)]
+    for sop in sops:
+        record(queue, study, now=T0, sop_instance_uid=sop)
+    gsps, report = new_uid(), new_uid()
+    restored = queue.restore_delivered(
+        study, [_delivered(sops, uid=gsps, destinations=["pacs"]),
+                SimpleNamespace(**vars(_delivered(sops, uid=report, destinations=["ohif"])), output="sr")],
+        resend_to={"pacs": ["gsps"], "ohif": ["sr"], "archive": ["gsps", "sr"]}, now=T0,
+    )
+    gsps_job, report_job = (queue.get_job(job_id) for job_id in restored)
+    assert {(d.destination, d.output, d.state) for d in gsps_job.deliveries} == {
+        ("pacs", "gsps", State.DONE), ("archive", "gsps", State.PENDING)}
+    assert {(d.destination, d.output, d.state) for d in report_job.deliveries} == {
+        ("ohif", "sr", State.DONE), ("archive", "sr", State.PENDING)}
 
 
 # --- rebuilt database: delivered results restored, and an operator's rerun ----------
