@@ -98,6 +98,23 @@ class Removed:
     bytes: int = 0  # their size
     skipped: list[str] = field(default_factory=list)  # paths outside instances/ and results/
 
+def covered_images(result: pydicom.Dataset) -> set[str]:
+    """The SOP Instance UIDs of the images a result object covers: a GSPS's Presentation
+    State Relationship (PS3.3 C.11.11), a structured report's Current Requested Procedure
+    Evidence (C.17.2)."""
+    referenced = [
+        image.get("ReferencedSOPInstanceUID")
+        for series in result.get("ReferencedSeriesSequence", [])
+        for image in series.get("ReferencedImageSequence", [])
+    ] + [
+        image.get("ReferencedSOPInstanceUID")
+        for study in result.get("CurrentRequestedProcedureEvidenceSequence", [])
+        for series in study.get("ReferencedSeriesSequence", [])
+        for image in series.get("ReferencedSOPSequence", [])
+    ]
+    return {str(uid) for uid in referenced if uid}
+
+
 def free_bytes(path: Path) -> int:
     """Bytes still writable on the filesystem holding ``path`` (``statvfs``: a cheap syscall).
 
@@ -259,21 +276,11 @@ class InstanceStore:
         at = at or datetime.now(timezone.utc)
         result = pydicom.dcmread(result_path, stop_before_pixels=True)
         study_uid = validate_uid(result.get("StudyInstanceUID"), name="Study Instance UID")
-        referenced = [
-            image.get("ReferencedSOPInstanceUID")
-            for series in result.get("ReferencedSeriesSequence", [])
-            for image in series.get("ReferencedImageSequence", [])
-        ] + [
-            image.get("ReferencedSOPInstanceUID")
-            for study in result.get("CurrentRequestedProcedureEvidenceSequence", [])
-            for series in study.get("ReferencedSeriesSequence", [])
-            for image in series.get("ReferencedSOPSequence", [])
-        ]
         entry = {
             "result_sop_instance_uid": validate_uid(result.get("SOPInstanceUID"), name="SOP Instance UID"),
             "result_file": Path(result_path).name,
             "output": output,
-            "sop_instance_uids": sorted({str(uid) for uid in referenced if uid}),
+            "sop_instance_uids": sorted(covered_images(result)),
             "delivered": {},
         }
         path = self.ledger_path(study_uid)

@@ -146,11 +146,15 @@ def _report_config(detector, config: Config):
     return report
 
 
-def report_study(paths, detector, config: Config, *, analysis_key: str | None = None, job_log=log):
+def report_study(
+    paths, detector, config: Config, *, analysis_key: str | None = None, job_log=log,
+    previous: pydicom.Dataset | None = None,
+):
     """Analyse one study's files and build its GSPS; returns (gsps, analysis).
 
     The GSPS UIDs derive from `analysis_key` (the job's) and the detector's fingerprint;
-    without a key (offline analysis) they are new on every call.
+    without a key (offline analysis) they are new on every call. `previous`: the study's
+    earlier GSPS, which this one replaces (`previous_results`).
     """
     from dicom_node.report.gsps import build_gsps
 
@@ -158,37 +162,81 @@ def report_study(paths, detector, config: Config, *, analysis_key: str | None = 
     model = detector.fingerprint
     analysis = analyse_study(paths, detector, config, job_log=job_log)
     report = _report_config(detector, config)
+    predecessor = _predecessor(previous, analysis)
     gsps = build_gsps(
         analysis.images,
         analysis.detections,
         report=report,
         sop_instance_uid=result_uid(analysis_key, model, "gsps-instance"),
-        series_instance_uid=result_uid(analysis_key, model, "gsps-series"),
+        series_instance_uid=(predecessor.series_instance_uid if predecessor
+                             else result_uid(analysis_key, model, "gsps-series")),
         skipped=analysis.skipped,
         frames=analysis.frames,
+        instance_number=predecessor.next_instance_number if predecessor else 1,
+        note=predecessor.note if predecessor else None,
     )
     return gsps, analysis
 
 
-def structured_report(analysis: StudyAnalysis, detector, config: Config, *, analysis_key: str):
+def previous_results(queue, job, *, job_log=log) -> dict[str, pydicom.Dataset]:
+    """The study's earlier results (output -> dataset without bulk data) that a job of a
+    later generation replaces: an image came after them, or an operator reran the study.
+    One that cannot be read (removed by hand) is logged and replaced by nothing."""
+    previous = queue.previous_result(job.study_uid, before_generation=job.generation) if job.generation > 1 else None
+    if previous is None:
+        return {}
+    paths = {"gsps": previous.result_path}
+    for delivery in previous.deliveries:
+        paths.setdefault(delivery.output, delivery.path)
+    found = {}
+    for output, path in paths.items():
+        try:
+            found[output] = pydicom.dcmread(path, stop_before_pixels=True)
+        except (OSError, pydicom.errors.InvalidDicomError) as error:
+            job_log.warning("previous_result_unreadable", output=output, previous_job_id=previous.id,
+                            error=type(error).__name__)
+    return found
+
+
+def _predecessor(previous: pydicom.Dataset | None, analysis: StudyAnalysis):
+    """What a new result says of the one it replaces, or None when it replaces none."""
+    from dicom_node.report.common import Predecessor, count
+    from dicom_node.store import covered_images
+
+    if previous is None:
+        return None
+    late = {str(ds.SOPInstanceUID) for ds in analysis.images} - covered_images(previous)
+    reason = f"{count(len(late), 'image', 'images')} arrived after it" if late else "the study was analysed again"
+    return Predecessor(previous, reason)
+
+
+def structured_report(
+    analysis: StudyAnalysis, detector, config: Config, *, analysis_key: str, previous: pydicom.Dataset | None = None
+):
     """The TID 1500 report of an analysed study (dicom_node.report.sr), in the series after
-    the GSPS's; its UIDs derive from the job's key and the model, as the GSPS's do."""
+    the GSPS's; its UIDs derive from the job's key and the model, as the GSPS's do.
+    `previous`: the study's earlier report, which this one replaces."""
     from dicom_node.report.common import fit
     from dicom_node.report.sr import build_sr
 
     report = _report_config(detector, config)
     model = detector.fingerprint
+    predecessor = _predecessor(previous, analysis)
     return build_sr(
         analysis.images,
         analysis.detections,
         report=report,
         weights_label=str(getattr(detector, "label", "") or detector.architecture),
         sop_instance_uid=result_uid(analysis_key, model, "sr-instance"),
-        series_instance_uid=result_uid(analysis_key, model, "sr-series"),
+        series_instance_uid=(predecessor.series_instance_uid if predecessor
+                             else result_uid(analysis_key, model, "sr-series")),
         series_number=report.series_number + 1,
         series_description=fit(report.series_description, 61) + " SR",
         skipped=analysis.skipped,
         frames=analysis.frames,
+        instance_number=predecessor.next_instance_number if predecessor else 1,
+        note=predecessor.note if predecessor else None,
+        predecessors=[predecessor.dataset] if predecessor else (),
     )
 
 
@@ -243,15 +291,17 @@ def process_job(
         with _Heartbeat(queue, job.id, worker, config.workers.lease_seconds):
             instances = queue.study_instances(job.study_uid)
             check_files_present(instances)
+            previous = previous_results(queue, job, job_log=job_log)
             gsps, analysis = report_study(
                 [i.path for i in instances], detector, config, analysis_key=job.analysis_key,
-                job_log=job_log,
+                job_log=job_log, previous=previous.get("gsps"),
             )
             gsps_uid = str(gsps.SOPInstanceUID)
             path = store.write_result(gsps, name=f"{gsps_uid}.dcm")
             outputs = {}
             if any("sr" in wanted for wanted in config.outputs_by_destination.values()):
-                sr = structured_report(analysis, detector, config, analysis_key=job.analysis_key)
+                sr = structured_report(analysis, detector, config, analysis_key=job.analysis_key,
+                                       previous=previous.get("sr"))
                 outputs["sr"] = (str(store.write_result(sr, name=f"{sr.SOPInstanceUID}.dcm")), str(sr.SOPInstanceUID))
     except Exception as error:
         # PermanentError (corrupt pixels, unreadable file) fails at once; anything else

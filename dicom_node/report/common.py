@@ -212,6 +212,30 @@ def label_box(
     return (left, top, left + width, min(top + height, float(rows)))
 
 
+@dataclass(frozen=True)
+class Predecessor:
+    """The earlier result of the same study that a new one replaces (an image came late,
+    or an operator reran the study): the new one goes in its series as the next instance,
+    and says which it replaces and why, so that a viewer shows the current one."""
+
+    dataset: Dataset  # the earlier result, without bulk data
+    reason: str  # "1 image arrived after it", "analysed again"
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.dataset.SeriesInstanceUID)
+
+    @property
+    def next_instance_number(self) -> int:
+        return int(self.dataset.get("InstanceNumber") or 1) + 1
+
+    @property
+    def note(self) -> str:
+        day, time = str(self.dataset.get("ContentDate") or ""), str(self.dataset.get("ContentTime") or "")
+        when = f" of {day[:4]}-{day[4:6]}-{day[6:8]} {time[:2]}:{time[2:4]}" if len(day) == 8 and len(time) >= 4 else ""
+        return fit(f"Replaces the result{when}: {self.reason}", 120)
+
+
 def count(n: int, singular: str, plural: str) -> str:
     return f"{n} {singular if n == 1 else plural}"
 

@@ -120,13 +120,16 @@ def build_gsps(
     series_instance_uid: str,
     skipped: Mapping[str, str] = {},
     frames: Mapping[str, int] = {},
+    instance_number: int = 1,
+    note: str | None = None,
 ) -> GrayscaleSoftcopyPresentationState:
     """Build one GSPS for one study: a box and label per detection, a summary line per image.
 
     ``detections`` and ``skipped`` are keyed by SOP Instance UID; every image in ``images``
     must be in exactly one of them (analysed, possibly with no detection, or skipped with a
     reason). ``frames`` gives the 0-based frame that was analysed in a multi-frame image
-    (default: the central frame); boxes are placed on that frame.
+    (default: the central frame); boxes are placed on that frame. `note`: a second line on
+    every image, below its statement (what an earlier result this one replaces).
 
     Raises ValueError when the arguments contradict each other (a caller bug) and
     UnsupportedImage when the study's images cannot carry a presentation state.
@@ -160,7 +163,7 @@ def build_gsps(
     )
     try:
         annotations, marked = _annotations(
-            references, detections, skipped, analysed_frames, layer, prefix=report.manufacturer
+            references, detections, skipped, analysed_frames, layer, prefix=report.manufacturer, note=note
         )
         modality, vois, presentation = _pixel_transformations(
             by_uid, references, analysed_frames, analysed=detections.keys()
@@ -171,7 +174,7 @@ def build_gsps(
             series_instance_uid=series_instance_uid,
             series_number=report.series_number,
             sop_instance_uid=sop_instance_uid,
-            instance_number=1,
+            instance_number=instance_number,
             manufacturer=report.manufacturer,
             manufacturer_model_name=MODEL_NAME,
             software_versions=__version__,
@@ -227,6 +230,7 @@ def _annotations(
     layer: GraphicLayer,
     *,
     prefix: str,
+    note: str | None = None,
 ) -> tuple[list[GraphicAnnotation], int]:
     """Boxes, labels and one summary line per referenced image; also the number of boxes."""
     annotations: list[GraphicAnnotation] = []
@@ -234,7 +238,7 @@ def _annotations(
     for ref in references:
         uid = str(ref.SOPInstanceUID)
         if uid in skipped:
-            annotations.append(_summary_annotation(ref, layer, image_statement(prefix, not_analysed=skipped[uid])))
+            annotations.append(_summary_annotation(ref, layer, image_statement(prefix, not_analysed=skipped[uid]), note))
             continue
         boxes = clipped_boxes(detections[uid], ref)
         marked += len(boxes)
@@ -242,7 +246,7 @@ def _annotations(
         if boxes:
             annotations.append(_boxes_annotation(ref, layer, boxes, frame=frame))
         text = image_statement(prefix, marked=len(boxes), frame=frame)
-        annotations.append(_summary_annotation(ref, layer, text))
+        annotations.append(_summary_annotation(ref, layer, text, note))
 
     return annotations, marked
 
@@ -290,18 +294,20 @@ def _boxes_annotation(
     )
 
 
-def _summary_annotation(ref: Dataset, layer: GraphicLayer, text: str) -> GraphicAnnotation:
-    # DISPLAY units (fractions of the displayed area) keep the line readable at any image size.
+def _summary_annotation(ref: Dataset, layer: GraphicLayer, text: str, note: str | None = None) -> GraphicAnnotation:
+    # DISPLAY units (fractions of the displayed area) keep the lines readable at any image size.
+    lines = [text] if note is None else [text, note]
     return GraphicAnnotation(
         referenced_images=[ref],
         graphic_layer=layer,
         text_objects=[
             TextObject(
-                text_value=text,
+                text_value=line,
                 units=AnnotationUnitsValues.DISPLAY,
-                bounding_box=(0.01, 0.01, 0.99, 0.05),
+                bounding_box=(0.01, 0.01 + 0.04 * index, 0.99, 0.05 + 0.04 * index),
                 text_justification=TextJustificationValues.LEFT,
             )
+            for index, line in enumerate(lines)
         ],
     )
 

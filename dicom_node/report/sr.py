@@ -85,12 +85,17 @@ def build_sr(
     series_description: str,
     skipped: Mapping[str, str] = {},
     frames: Mapping[str, int] = {},
+    instance_number: int = 1,
+    note: str | None = None,
+    predecessors: Sequence[Dataset] = (),
 ) -> Comprehensive3DSR:
     """Build one Measurement Report for one study: a ROI per detection, a statement per image.
 
     Arguments as `build_gsps` (every image analysed, possibly with no detection, or
     skipped with a reason); `weights_label` names the weights (the detector's label,
-    "DEMO ..." for the demo weights). Raises ValueError when the arguments contradict each
+    "DEMO ..." for the demo weights). A report that replaces earlier ones of the study names
+    them (`predecessors`: their datasets, PS3.3 C.17.2.3 Predecessor Documents Sequence) and
+    says why in a Comment (`note`). Raises ValueError when the arguments contradict each
     other and UnsupportedImage when the study has no image a report can reference.
     """
     by_uid = index_images(images)
@@ -125,13 +130,18 @@ def build_sr(
             imaging_measurements=groups,
             referenced_images=[ref for ref in references if _describable(ref)] or None,
         )
+        if note:
+            content[0].ContentSequence.append(
+                TextContentItem(name=codes.DCM.Comment, value=note, relationship_type=RelationshipTypeValues.CONTAINS)
+            )
         return Comprehensive3DSR(
             evidence=references,
             content=content[0],
+            previous_versions=list(predecessors) or None,
             series_instance_uid=series_instance_uid,
             series_number=series_number,
             sop_instance_uid=sop_instance_uid,
-            instance_number=1,
+            instance_number=instance_number,
             manufacturer=report.manufacturer,
             is_complete=True,
             series_description=series_description,

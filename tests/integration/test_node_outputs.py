@@ -90,3 +90,42 @@ def _items(node):
     for item in node.get("ContentSequence", []):
         yield item
         yield from _items(item)
+
+
+def test_an_image_that_comes_late_gets_results_that_replace_the_first(tmp_path, orthanc):
+    boxes = fixed_boxes_file(tmp_path, [RELATIVE_BOX])
+    node = start_node(tmp_path, orthanc, {"architecture": "fixed_boxes", "weights": str(boxes), "score_threshold": 0.5},
+                      outputs=["gsps", "sr"])
+    try:
+        files = study_in_syntaxes(tmp_path, ["explicit-little"] * 3)
+        study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        assert storescu(files[:2], node.port, "DICOM_NODE").ok
+        wait_for(lambda: gsps_for_study(orthanc, study_uid) and reports_for_study(orthanc, study_uid),
+                 TIMEOUT_SECONDS, description="the first GSPS and SR")
+        (first_gsps,), (first_sr,) = gsps_for_study(orthanc, study_uid), reports_for_study(orthanc, study_uid)
+
+        assert storescu(files[2:], node.port, "DICOM_NODE").ok  # the third image, late
+        wait_for(lambda: len(gsps_for_study(orthanc, study_uid)) == 2 and len(reports_for_study(orthanc, study_uid)) == 2,
+                 TIMEOUT_SECONDS, description="the second GSPS and SR")
+        gsps = next(ds for ds in gsps_for_study(orthanc, study_uid) if ds.SOPInstanceUID != first_gsps.SOPInstanceUID)
+        sr = next(ds for ds in reports_for_study(orthanc, study_uid) if ds.SOPInstanceUID != first_sr.SOPInstanceUID)
+        for ds in (gsps, sr):
+            path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            assert_dciodvfy_clean(path)
+
+        # In the earlier result's series, as its next instance, saying what it replaces and why.
+        assert (gsps.SeriesInstanceUID, int(gsps.InstanceNumber)) == (first_gsps.SeriesInstanceUID, 2)
+        assert (sr.SeriesInstanceUID, int(sr.InstanceNumber)) == (first_sr.SeriesInstanceUID, 2)
+        notes = {t for texts in texts_by_image(gsps).values() for t in texts if t.startswith("Replaces")}
+        assert len(notes) == 1 and notes.pop().endswith(": 1 image arrived after it")
+        (predecessor,) = [image for study in sr.PredecessorDocumentsSequence
+                          for series in study.ReferencedSeriesSequence for image in series.ReferencedSOPSequence]
+        assert predecessor.ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+        comments = [str(i.TextValue) for i in sr.ContentSequence if i.ValueType == "TEXT"]
+        assert any(c.startswith("Replaces") and c.endswith("1 image arrived after it") for c in comments)
+        assert len(boxes_by_image(gsps)) == 3  # the new result covers the whole study
+    finally:
+        status = node.stop()
+        print(node.output())
+        assert status == 0
