@@ -182,8 +182,8 @@ class PduReader:
 
 
 def _arriving(sock: socket.socket) -> bool:
-    """Whether the next PDU's bytes arrive within STREAM_WAIT_SECONDS (the reactor would
-    otherwise poll again after a millisecond's sleep)."""
+    """Whether the next PDU's bytes arrive within STREAM_WAIT_SECONDS: streaming goes on
+    without a turn of the reactor (which would then wait for them on the socket)."""
     if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted already, unseen by select
         return True
     try:
