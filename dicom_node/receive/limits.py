@@ -30,7 +30,6 @@ the connection, and one log line naming the peer. No log line quotes received by
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 import ssl
@@ -41,7 +40,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from dicom_node import metrics
 from dicom_node.log import get_logger
-from dicom_node.receive.spool import SpoolFile, StorageLimits, part10_header, streaming_spool
+from dicom_node.receive.spool import SpoolFile, StorageLimits, discard, part10_header, streaming_spool
 
 log = get_logger("dicom_node.receive")
 
@@ -356,12 +355,5 @@ class DimseGuard:
         spool = getattr(message, "_data_set_file", None) if message is not None else None
         if spool is not None:
             spool.close()
-            _unlink(spool.name)
+            discard(spool.name)
         hang_up(self.association.dul, event, **fields)
-
-
-def _unlink(name: str) -> None:
-    try:
-        os.unlink(name)
-    except OSError:
-        pass

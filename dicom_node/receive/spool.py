@@ -148,7 +148,9 @@ class SpoolFile:
         except OSError as error:  # the disk filled between two checks, or failed
             self._refuse(f"cannot write the data set ({error.strerror or type(error).__name__})")
             return
-        self._written(len(data))
+        if self._store.fsync and self.size - self._written_back >= WRITEBACK_BYTES:
+            start_writeback(self._fd, self._written_back, self.size - self._written_back)
+            self._written_back = self.size
 
     def _admit(self, count: int) -> bool:
         """Whether `count` more bytes stay within the limits; refuses the data set if not."""
@@ -172,11 +174,6 @@ class SpoolFile:
             self._next_space_check = self.size + SPACE_CHECK_BYTES
         return True
 
-    def _written(self, count: int) -> None:
-        if self._store.fsync and self.size - self._written_back >= WRITEBACK_BYTES:
-            start_writeback(self._fd, self._written_back, self.size - self._written_back)
-            self._written_back = self.size
-
     def flush(self) -> None:
         """Nothing to do: every write went to the file descriptor."""
 
@@ -186,11 +183,16 @@ class SpoolFile:
     def _refuse(self, reason: str) -> None:
         self.refusal = SpoolRefusal(OUT_OF_RESOURCES, reason)
         self._spool.close()
-        try:
-            os.unlink(self.name)
-        except OSError:
-            pass
+        discard(self.name)
         log.warning("data_set_discarded", reason=reason, received_bytes=self.size)
+
+
+def discard(name: str) -> None:
+    """Remove a spool file that will not be kept; one already gone is no error."""
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
 
 
 def spool_refusal(request) -> SpoolRefusal | None:
