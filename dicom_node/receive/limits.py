@@ -129,14 +129,14 @@ class PduReader:
     def buffered(self) -> int:
         return self._end - self._start
 
-    def take(self, sock: socket.socket, count: int, deadline: float) -> bytes | None:
+    def take(self, sock: socket.socket, count: int, deadline: float) -> bytearray | None:
         """The next `count` bytes (at most `capacity`), or None if the peer closed the
         connection or `deadline` passed first."""
         self._make_room(count)
         while self.buffered < count:
             if not self._receive(sock, deadline):
                 return None
-        data = bytes(self._buffer[self._start:self._start + count])
+        data = self._buffer[self._start:self._start + count]  # a copy: the buffer is reused
         self._consume(count)
         return data
 
