@@ -9,6 +9,7 @@ file keeps free space above the watermark and turns a failed write into Out of R
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 import time
@@ -180,3 +181,27 @@ def test_a_failed_write_refuses_the_data_set(tmp_path, monkeypatch):
     assert spool.refusal.status == OUT_OF_RESOURCES
     assert spool.refusal.reason == "cannot write the data set (No space left on device)"
     assert not os.path.exists(spool.name)
+
+
+def test_a_sender_that_stalls_inside_a_streamed_data_set_is_cut_at_the_network_timeout(make_node, streamed,
+                                                                                         log_output):
+    node = make_node(node={"network_timeout_seconds": 2})
+    ds = synthetic.mammogram(rows=512, columns=512, seed=6)
+    data = data_set_bytes(ds)
+    client = associated(node.port)
+    try:
+        client.send(pdus.p_data([(1, pdus.COMMAND_LAST, c_store_command(ds))]))
+        client.send(pdus.p_data([(1, pdus.DATASET_FRAGMENT, data[:200_000])]))
+        client.send(pdus.p_data([(1, pdus.DATASET_FRAGMENT, data[200_000:300_000])])[:5000])  # then silence
+        started = time.monotonic()
+        reply = client.read_reply(until=(pdus.ABORT,))
+        waited = time.monotonic() - started
+    finally:
+        client.close()
+    assert pdus.ABORT in reply.pdu_types or reply.closed, "the node kept waiting for the rest of the fragment"
+    assert waited < 20, f"cut after {waited:.1f} s, the network timeout is 2 s"
+    wait_for(lambda: not temp_files_left(node.data_dir), 10, description="the spool to be removed")
+    assert stored_files(node.data_dir) == [] and streamed["fragments"] >= 1
+    events = [json.loads(line) for line in log_output().splitlines() if line.startswith("{")]
+    (slow,) = [e for e in events if e["event"] == "pdu_too_slow"]
+    assert slow["pdu_type"] == 4 and slow["peer"] == "127.0.0.1"
