@@ -45,6 +45,18 @@ def _restore_logging_config():
     sys.excepthook, threading.excepthook, sys.unraisablehook = hooks
 
 
+@pytest.fixture(autouse=True)
+def _restore_tempfile_dir():
+    # start_scp points tempfile at its data_dir/tmp (pynetdicom spools there), a
+    # process-wide setting: once the test's folder is removed (tmp_path_retention_policy),
+    # a later in-process SCP, ours or a test peer, could not spool anywhere.
+    import tempfile
+
+    saved = tempfile.tempdir
+    yield
+    tempfile.tempdir = saved
+
+
 @pytest.fixture
 def small_filesystem(tmp_path):
     """Mount real small filesystems to fill: ``small_filesystem(path, size="16m")`` gives a
