@@ -1,4 +1,4 @@
-"""pynetdicom's DUL thread, woken by its socket and its outgoing queue instead of a clock.
+"""pynetdicom's DUL and association threads, woken by their work instead of a clock.
 
 pynetdicom's DUL reactor polls: after a turn with nothing to do it sleeps a millisecond,
 then looks at its socket and at the queue of primitives to send. Each C-STORE waits on it
@@ -9,6 +9,11 @@ and a thousand wake-ups a second of every idle association.
 `wake_on_activity` makes the DUL wait in select() on its socket and on an eventfd that
 the outgoing queue signals, so that it wakes as soon as either has something (or after
 IDLE_WAIT_SECONDS, for its timers and its stop flag).
+
+The association thread polls too: it sleeps a millisecond, then looks for a decoded message
+and for a release or abort from the peer. `wake_association_on_work` makes the wait after that
+sleep last until the DUL hands it one of those, so that each C-STORE is handled as soon as
+its last fragment is decoded.
 """
 
 from __future__ import annotations
@@ -111,3 +116,62 @@ def wake_on_activity(dul, *, unread: Callable[[], int]) -> SignallingQueue:
 
     dul._is_transport_event = transport_event_or_wait
     return outgoing
+
+
+class _NotifyingQueue(queue.Queue):
+    """A queue whose put() sets an Event."""
+
+    def __init__(self, activity: threading.Event) -> None:
+        super().__init__()
+        self._activity = activity
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._activity.set()
+
+
+class _WorkCheckpoint(threading.Event):
+    """pynetdicom's reactor checkpoint (an Event that is set while the association's reactor
+    may run, cleared to pause it) whose wait, while set, also lasts until there is work:
+    `ready()` is true, `activity` is set, or IDLE_WAIT_SECONDS pass (its idle timer)."""
+
+    def __init__(self, activity: threading.Event, ready: Callable[[], bool]) -> None:
+        super().__init__()
+        self._activity = activity
+        self._ready = ready
+
+    def set(self) -> None:
+        super().set()
+        self._activity.set()  # kill() and the end of a pause set it: wake the reactor
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.is_set():
+            self._activity.clear()
+            if not self._ready():
+                self._activity.wait(IDLE_WAIT_SECONDS)
+            if self.is_set():
+                return True
+        return super().wait(timeout)  # paused (by a send or a release of ours): as pynetdicom
+
+
+def wake_association_on_work(association) -> None:
+    """Make `association`'s reactor wait for work instead of polling each millisecond;
+    call before its threads start.
+
+    The reactor's loop (Association._run_reactor) sleeps 1 ms, then waits on its checkpoint,
+    then takes a decoded DIMSE message if there is one and looks at the DUL's primitives for
+    the user (a release or abort request). Both queues signal one Event that the checkpoint
+    waits on; kill() sets the checkpoint, and the DUL thread puts a last None on its way out
+    (dicom_node.receive.server), so that every reason to end the loop also wakes it.
+    """
+    activity = threading.Event()
+    dimse, dul = association.dimse, association.dul
+    dimse.msg_queue = _NotifyingQueue(activity)
+    dul.to_user_queue = _NotifyingQueue(activity)
+    checkpoint = _WorkCheckpoint(
+        activity,
+        ready=lambda: (not dimse.msg_queue.empty() or not dul.to_user_queue.empty()
+                       or association._kill or not dul.is_alive()),
+    )
+    checkpoint.set()  # pynetdicom starts it set: the reactor runs
+    association._reactor_checkpoint = checkpoint

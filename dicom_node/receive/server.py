@@ -52,7 +52,7 @@ from dicom_node.receive.handlers import (
     log_released,
 )
 from dicom_node.receive.limits import DimseGuard, PduReader, read_pdu_bounded
-from dicom_node.receive.reactor import wake_on_activity
+from dicom_node.receive.reactor import wake_association_on_work, wake_on_activity
 from dicom_node.receive.spool import StorageLimits
 from dicom_node.store import InstanceStore
 from dicom_node.tls import scp_context, server_handshake
@@ -105,8 +105,8 @@ class StoreRequestHandler(RequestHandler):
     - the DUL reads PDUs with bounded length and time, and the DIMSE decoder is fed through
       a guard that bounds command sets, in-memory data sets, queued requests and spooled
       data sets (dicom_node.receive.limits);
-    - the DUL waits on its socket and its outgoing queue instead of polling
-      (dicom_node.receive.reactor);
+    - the DUL waits on its socket and its outgoing queue, and the association thread on the
+      DUL's messages, instead of polling (dicom_node.receive.reactor);
     - spool files of data sets never handed to the C-STORE handler are deleted;
     - an exception in the DUL thread (a peer's malformed bytes) is logged, not printed.
     """
@@ -122,6 +122,7 @@ class StoreRequestHandler(RequestHandler):
         )
         association.dimse.receive_primitive = DimseGuard(association, limits=server.limits, store=server.store)
         outgoing = wake_on_activity(dul, unread=lambda: reader.buffered)
+        wake_association_on_work(association)
         run, dul_run = association.run, association.dul.run
 
         def run_then_discard() -> None:
