@@ -39,8 +39,10 @@ OUT_OF_RESOURCES = 0xA700
 # Free space is read (statvfs) once per this many bytes written, and each reading must leave
 # room for them above the watermark: a data set never writes under it unchecked.
 SPACE_CHECK_BYTES = MEGABYTE
-# With fsync on, the writeback of the bytes written is started every this many bytes.
-WRITEBACK_BYTES = 4 * MEGABYTE
+# With fsync on, the writeback of the bytes written is started every this many bytes: the
+# fsync before the answer waits for at most the last of them (4 MiB: 1.4-2.3 ms of every
+# full-size mammogram; 1 MiB: 0.4-1.0 ms, over loopback onto this project's test disks).
+WRITEBACK_BYTES = MEGABYTE
 PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1
 
 
@@ -139,12 +141,23 @@ class SpoolFile:
 
     def write(self, data) -> None:
         """Append ``data`` (bytes or a memoryview), or drop it if the limits are passed."""
-        if not self._admit(len(data)):
+        self.write_pieces((data,), len(data))
+
+    def write_pieces(self, pieces, count: int) -> None:
+        """Append ``pieces`` (buffers, `count` bytes in all, at most IOV_MAX of them) with
+        one system call where the kernel takes them all, or drop them past the limits."""
+        if not self._admit(count):
             return
-        view = memoryview(data)
         try:
-            while view:
-                view = view[os.write(self._fd, view):]
+            written = os.writev(self._fd, pieces)
+            if written < count:  # a short write (a signal, or the disk filling): the rest
+                for piece in pieces:
+                    if written >= len(piece):
+                        written -= len(piece)
+                        continue
+                    view, written = memoryview(piece)[written:], 0
+                    while view:
+                        view = view[os.write(self._fd, view):]
         except OSError as error:  # the disk filled between two checks, or failed
             self._refuse(f"cannot write the data set ({error.strerror or type(error).__name__})")
             return

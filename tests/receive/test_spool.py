@@ -176,6 +176,7 @@ def test_a_failed_write_refuses_the_data_set(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "write", disk_full)
+    monkeypatch.setattr(os, "writev", disk_full)
     spool.write(b"x" * 1000)  # raises nothing: the data set is refused instead
     monkeypatch.undo()
     assert spool.refusal.status == OUT_OF_RESOURCES
