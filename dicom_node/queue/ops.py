@@ -524,13 +524,10 @@ class Queue:
         now = now or utcnow()
         try:
             with self._write() as conn:
-                known = select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)
-                if conn.scalar(known) is not None:
-                    return False
                 conn.execute(_touch_study(self._backend.insert, study_uid, now))
-                # ON CONFLICT DO NOTHING: on PostgreSQL another receiver may record the same
-                # instance between the check above and here; then this transaction (with its
-                # study count) is rolled back. On SQLite BEGIN IMMEDIATE rules that out.
+                # A duplicate (known already, or recorded by another receiver meanwhile)
+                # inserts nothing: then this transaction, with its study count, is rolled
+                # back. Two statements, no lookup first: this runs before every answer.
                 added = conn.execute(
                     self._backend.insert(instances).values(
                         sop_instance_uid=sop_instance_uid,
