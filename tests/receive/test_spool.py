@@ -107,6 +107,45 @@ def test_fragments_however_cut_are_stored_byte_for_byte(node, streamed):
     assert temp_files_left(node.data_dir) == []
 
 
+@pytest.fixture
+def batched(monkeypatch):
+    """How many PDUs went to a spool together from the reader's buffer (a spy on the real path)."""
+    counted = {"writes": 0, "pdus": 0}
+    write_pieces = SpoolFile.write_pieces
+
+    def counting(spool, pieces, count):
+        if len(pieces) > 1:
+            counted["writes"] += 1
+            counted["pdus"] += len(pieces)
+        return write_pieces(spool, pieces, count)
+
+    monkeypatch.setattr(SpoolFile, "write_pieces", counting)
+    return counted
+
+
+def test_whole_fragments_arriving_together_are_stored_byte_for_byte(node, batched):
+    ds = synthetic.mammogram(rows=512, columns=512, seed=7)
+    data = data_set_bytes(ds)
+    # 700 whole PDUs of 300 bytes in one send (more than one writev takes), then 64 KiB
+    # ones with the last fragment behind them.
+    small = [data[i:i + 300] for i in range(0, 210_000, 300)]
+    large = [data[i:i + 65536] for i in range(210_000, len(data) - 5000, 65536)]
+    last_start = 210_000 + 65536 * len(large)
+    client = associated(node.port)
+    try:
+        client.send(pdus.p_data([(1, pdus.COMMAND_LAST, c_store_command(ds))]))
+        client.send(b"".join(pdus.p_data([(1, pdus.DATASET_FRAGMENT, piece)]) for piece in small))
+        client.send(b"".join(pdus.p_data([(1, pdus.DATASET_FRAGMENT, piece)]) for piece in large)
+                    + pdus.p_data([(1, pdus.DATASET_LAST, data[last_start:])]))
+        assert client.read_reply().status == 0x0000
+    finally:
+        client.close()
+    (stored,) = stored_files(node.data_dir)
+    _, offset = split_dataset(stored)
+    assert stored.read_bytes()[offset:] == data
+    assert batched["writes"] >= 2 and batched["pdus"] >= 100  # the buffered PDUs went together
+
+
 @pytest.mark.parametrize("cut_after", [6, 12, 5000], ids=["PDU header", "PDV header", "inside the fragment"])
 def test_a_data_set_cut_off_in_a_streamed_fragment_leaves_nothing(node, streamed, cut_after):
     ds = synthetic.mammogram(rows=512, columns=512, seed=4)
