@@ -5,9 +5,6 @@ file sent again after a failure. Real peers: pynetdicom SCPs and dcmtk storescp.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import numpy as np
 import pydicom
 import pytest
@@ -22,7 +19,7 @@ from dicom_node.errors import RetryableError
 from dicom_node.model.detector import Detection
 from dicom_node.report.capture import build_capture
 
-from .conftest import destination, free_port, wait_for_port
+from .conftest import running_storescp
 
 CALLING_AE = "DICOM_NODE"
 OUT_OF_RESOURCES = 0xA700
@@ -62,30 +59,15 @@ def test_all_captures_go_on_one_association_compressed(scp, capture_files):
 @pytest.fixture
 def uncompressed_storescp(tmp_path):
     """dcmtk storescp with its default transfer syntaxes: uncompressed only."""
-    if shutil.which("storescp") is None:
-        pytest.fail("storescp not found: install dcmtk")
-    output = tmp_path / "received"
-    output.mkdir()
-    port = free_port()
-    process = subprocess.Popen(["storescp", "--aetitle", "STORESCP", "--output-directory", str(output), str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_port(port, process)
-        yield destination(port, "STORESCP"), output
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with running_storescp(tmp_path / "received") as peer:
+        yield peer
 
 
 def test_a_peer_that_takes_only_uncompressed_gets_the_same_instances_decompressed(uncompressed_storescp, capture_files):
-    peer, output = uncompressed_storescp
-    send_files(capture_files, peer, calling_ae_title=CALLING_AE, timeout=10)
+    send_files(capture_files, uncompressed_storescp.destination, calling_ae_title=CALLING_AE, timeout=10)
 
-    received = {ds.SOPInstanceUID: (path, ds) for path in output.iterdir() for ds in [pydicom.dcmread(path)]}
+    received = {ds.SOPInstanceUID: (path, ds) for path in uncompressed_storescp.output.iterdir()
+                for ds in [pydicom.dcmread(path)]}
     assert len(received) == 2
     for sent_path in capture_files:
         sent = pydicom.dcmread(sent_path)

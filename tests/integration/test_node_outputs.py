@@ -112,6 +112,7 @@ def _items(node):
         yield from _items(item)
 
 
+@pytest.mark.slow  # two analyses and six deliveries: 11-14 s on 2 loaded cores
 def test_an_image_that_comes_late_gets_results_that_replace_the_first(tmp_path, orthanc):
     boxes = fixed_boxes_file(tmp_path, [RELATIVE_BOX])
     node = start_node(tmp_path, orthanc, {"architecture": "fixed_boxes", "weights": str(boxes), "score_threshold": 0.5},
