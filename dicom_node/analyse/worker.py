@@ -211,9 +211,13 @@ def previous_results(queue, job, *, job_log=log) -> PreviousResults | None:
     previous = queue.previous_result(job.study_uid, before_generation=job.generation) if job.generation > 1 else None
     if previous is None:
         return None
-    paths = {"gsps": previous.result_path}
+    paths = {}
     for delivery in previous.deliveries:
         paths.setdefault(delivery.output, delivery.path)
+    # The job's result is its GSPS, unless a delivery says it is another output (a job
+    # restored from the ledger holds one result of any output: store.reconcile).
+    if previous.result_path not in paths.values():
+        paths.setdefault("gsps", previous.result_path)
     found = {}
     for output, path in paths.items():
         try:

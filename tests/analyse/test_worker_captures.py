@@ -106,3 +106,23 @@ def test_a_study_with_no_analysed_image_gets_no_capture_delivery(tmp_path):
         assert not list(node.store.results_dir.glob("*.sc"))
     finally:
         node.close()
+
+
+def test_a_job_restored_from_the_ledger_with_captures_is_not_taken_for_a_gsps(node, tmp_path):
+    # After a rebuilt database each delivered result is a done job of its own (store.reconcile):
+    # a restored capture set's job has the folder as its result and an "sc" delivery.
+    from types import SimpleNamespace
+
+    from dicom_node.analyse.worker import previous_results
+
+    files = synthetic.study(tmp_path / "study", n_images=1, rows=256, columns=192)
+    node.receive(files)
+    job = node.claim()
+    node.process(job)
+    folder = delivery(node.queue.get_job(job.id), "sc").path
+    restored = SimpleNamespace(id=job.id, result_path=folder, deliveries=[SimpleNamespace(output="sc", path=folder)])
+    queue = SimpleNamespace(previous_result=lambda study_uid, before_generation: restored)
+
+    found = previous_results(queue, SimpleNamespace(study_uid=job.study_uid, generation=2))
+    assert set(found.by_output) == {"sc"}
+    assert found.latest("gsps") is None
