@@ -29,7 +29,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from dicom_node.errors import ConfigError
 
-Output = Literal["gsps", "sr"]  # the results a destination may take (DestinationConfig.outputs)
+Output = Literal["gsps", "sr", "sc"]  # the results a destination may take (DestinationConfig.outputs)
 Architecture = Literal[
     "retinanet_r101_fpn",  # the study's best model, the default
     "retinanet_r50_fpn",
@@ -255,7 +255,8 @@ class DestinationConfig(_Section):
     tls_server_name: str | None = None
     # What the destination gets of each analysed study (README "What the radiologist sees"):
     # "gsps", the presentation state (Weasis, most PACS workstations); "sr", the TID 1500
-    # structured report (OHIF). Each is its own delivery.
+    # structured report (OHIF); "sc", burned-in Secondary Captures, one per analysed image (any
+    # viewer that shows images). Each is its own delivery.
     outputs: Annotated[list[Output], Field(min_length=1)] = ["gsps"]
 
     @field_validator("outputs")

@@ -3,7 +3,8 @@
 Layout under ``data_dir`` (one filesystem, so ``os.link`` and ``os.replace`` are atomic)::
 
     instances/<study uid>/<series uid>/<sop instance uid>.dcm
-    results/<name>
+    results/<name>                       a result: one file (GSPS, structured report)
+    results/<name>/<name>                ... or a folder of files (a study's burned-in captures)
     results/delivered/<study uid>.json   the delivered-results ledger (see below)
     tmp/            files being written; anything left here after a crash is garbage
     tmp/<owner>/    the same, of one process (`SpoolArea`): several processes (receivers,
@@ -74,7 +75,7 @@ class DeliveredResult:
     result_path: str
     sop_instance_uids: tuple[str, ...]  # the images the result covers
     delivered: dict[str, datetime]  # destination name -> when it was delivered there
-    output: str = "gsps"  # which of its job's results: "gsps", "sr"
+    output: str = "gsps"  # which of its job's results: "gsps", "sr", "sc"
 
 
 def validate_uid(value: object, *, name: str) -> str:
@@ -101,8 +102,8 @@ class Removed:
 def covered_images(result: pydicom.Dataset) -> set[str]:
     """The SOP Instance UIDs of the images a result object covers: a GSPS's Presentation
     State Relationship (PS3.3 C.11.11), a structured report's Current Requested Procedure
-    Evidence (C.17.2)."""
-    referenced = [
+    Evidence (C.17.2), a burned-in capture's Source Image Sequence (C.12.4)."""
+    referenced = [image.get("ReferencedSOPInstanceUID") for image in result.get("SourceImageSequence", [])] + [
         image.get("ReferencedSOPInstanceUID")
         for series in result.get("ReferencedSeriesSequence", [])
         for image in series.get("ReferencedImageSequence", [])
@@ -113,6 +114,15 @@ def covered_images(result: pydicom.Dataset) -> set[str]:
         for image in series.get("ReferencedSOPSequence", [])
     ]
     return {str(uid) for uid in referenced if uid}
+
+
+def result_files(path: Path) -> list[Path]:
+    """The DICOM files of one result: the file at `path`, or the files of the folder at
+    `path` (a study's burned-in captures, `InstanceStore.write_result_set`), by name."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(entry for entry in path.iterdir() if entry.is_file())
+    return [path]
 
 
 def free_bytes(path: Path) -> int:
@@ -245,6 +255,31 @@ class InstanceStore:
             raise ValueError(f"result name {name!r} must be letters, digits, '.', '_', '-'")
         return self._replace(self.results_dir / name, lambda staged: ds.save_as(staged, enforce_file_format=True))
 
+    def write_result_set(self, datasets: Sequence[pydicom.Dataset], *, name: str) -> Path:
+        """Write `datasets` as the files of the folder results/``name`` (``<SOP Instance
+        UID>.dcm`` each, durably); return the folder.
+
+        A result made of several objects (a study's burned-in captures) is one folder, so
+        that it stays one delivery and one entry of the ledger. A rebuilt set replaces the
+        files of the same name and removes any other file of the folder: it holds exactly
+        this set once the call returns.
+        """
+        if not _RESULT_NAME.fullmatch(name):
+            raise ValueError(f"result name {name!r} must be letters, digits, '.', '_', '-'")
+        folder = self.results_dir / name
+        self._make_dirs(folder)
+        written = set()
+        for ds in datasets:
+            file_name = f"{validate_uid(ds.SOPInstanceUID, name='SOP Instance UID')}.dcm"
+            self._replace(folder / file_name, lambda staged, ds=ds: ds.save_as(staged, enforce_file_format=True))
+            written.add(file_name)
+        stale = [entry for entry in folder.iterdir() if entry.name not in written]
+        for entry in stale:
+            entry.unlink(missing_ok=True)
+        if stale:
+            self._fsync_dir(folder)
+        return folder
+
     def write_atomic(self, final: Path, data: bytes) -> Path:
         """Replace the file `final` (under data_dir) by `data`, durably and atomically."""
         final = Path(final)
@@ -266,21 +301,26 @@ class InstanceStore:
         self, result_path: Path, destination: str, *, output: str = "gsps", at: datetime | None = None
     ) -> Path:
         """Note in the study's ledger that the result at `result_path` (the job's `output`:
-        "gsps", "sr") reached `destination`.
+        "gsps", "sr", "sc") reached `destination`.
 
         The result file says what it covers: its study, its SOP Instance UID, and every
         image it references (a GSPS: PS3.3 C.11.11 Presentation State Relationship; a
         structured report: C.17.2 Current Requested Procedure Evidence; the analysed images
-        and those skipped by design). Returns the ledger file.
+        and those skipped by design). A folder of captures (`write_result_set`) is one
+        entry, named by its first capture (the lowest Instance Number, as the delivery row
+        is), covering the source images of all. Returns the ledger file.
         """
         at = at or datetime.now(timezone.utc)
-        result = pydicom.dcmread(result_path, stop_before_pixels=True)
+        results = [pydicom.dcmread(path, stop_before_pixels=True) for path in result_files(result_path)]
+        if not results:
+            raise LedgerError(f"{result_path}: an empty result folder")
+        result = min(results, key=lambda ds: int(ds.get("InstanceNumber") or 0))
         study_uid = validate_uid(result.get("StudyInstanceUID"), name="Study Instance UID")
         entry = {
             "result_sop_instance_uid": validate_uid(result.get("SOPInstanceUID"), name="SOP Instance UID"),
             "result_file": Path(result_path).name,
             "output": output,
-            "sop_instance_uids": sorted(covered_images(result)),
+            "sop_instance_uids": sorted(set().union(*(covered_images(ds) for ds in results))),
             "delivered": {},
         }
         path = self.ledger_path(study_uid)
@@ -328,7 +368,8 @@ class InstanceStore:
         """Delete these instance and result files, then the series and study folders left empty.
 
         Only files at instance depth under instances/ and directly under results/ are
-        touched: a path anywhere else (a moved data_dir, a row edited by hand) is left
+        touched (a result that is a folder of captures, `write_result_set`: its files, then
+        the folder): a path anywhere else (a moved data_dir, a row edited by hand) is left
         alone and returned in ``skipped``. A file already gone is not an error. The
         directories are fsynced before returning, so the removal is on disk before the
         caller commits the matching row deletions (see Queue.purge_study): after a power
@@ -350,17 +391,22 @@ class InstanceStore:
                 if not (path.is_relative_to(root) and len(path.relative_to(root).parts) == depth):
                     removed.skipped.append(str(name))
                     continue
-                try:
-                    size = path.stat().st_size
-                    path.unlink()
-                except FileNotFoundError:
-                    continue
-                if kind == "instances":
-                    removed.instances += 1
-                else:
-                    removed.results += 1
-                removed.bytes += size
-                touched.add(path.parent)
+                for file in result_files(path) if kind == "results" else [path]:
+                    try:
+                        size = file.stat().st_size
+                        file.unlink()
+                    except FileNotFoundError:
+                        continue
+                    if kind == "instances":
+                        removed.instances += 1
+                    else:
+                        removed.results += 1
+                    removed.bytes += size
+                    touched.add(path.parent)
+                if kind == "results" and path.is_dir():  # a folder of captures, emptied
+                    with contextlib.suppress(OSError):
+                        path.rmdir()
+                        touched.add(path.parent)
         for folder in sorted(touched):
             if folder == results_root:
                 continue

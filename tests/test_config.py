@@ -52,7 +52,7 @@ def test_duplicate_destination_names_are_rejected():
 @pytest.mark.parametrize("outputs, message", [
     ([], r"destinations\[0\]\.outputs: .*at least 1"),
     (["gsps", "gsps"], r"destinations\[0\]\.outputs: .*twice"),
-    (["gsps", "pdf"], r"destinations\[0\]\.outputs\[1\]: .*'gsps' or 'sr'"),
+    (["gsps", "pdf"], r"destinations\[0\]\.outputs\[1\]: .*'gsps', 'sr' or 'sc'"),
 ])
 def test_destination_outputs_are_checked(outputs, message):
     destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104, "outputs": outputs}
@@ -62,9 +62,11 @@ def test_destination_outputs_are_checked(outputs, message):
 
 def test_a_destination_takes_the_gsps_unless_told_otherwise():
     destinations = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
-                    {"name": "ohif", "ae_title": "OHIF", "host": "127.0.0.1", "port": 4242, "outputs": ["sr"]}]
+                    {"name": "ohif", "ae_title": "OHIF", "host": "127.0.0.1", "port": 4242, "outputs": ["sr"]},
+                    {"name": "plain", "ae_title": "PLAIN", "host": "127.0.0.1", "port": 104,
+                     "outputs": ["gsps", "sr", "sc"]}]
     config = parse_config({"destinations": destinations}, base_dir=Path("."))
-    assert config.outputs_by_destination == {"pacs": ["gsps"], "ohif": ["sr"]}
+    assert config.outputs_by_destination == {"pacs": ["gsps"], "ohif": ["sr"], "plain": ["gsps", "sr", "sc"]}
 
 
 def test_unreadable_and_invalid_toml_are_config_errors(tmp_path):

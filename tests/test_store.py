@@ -287,3 +287,62 @@ def test_the_ledger_names_each_output_and_the_images_a_report_covers(store):
     old = ledger.read_text().replace('"output": "sr",', "")
     ledger.write_text(old)
     assert [e.output for e in store.delivered_results(study)] == ["gsps"]
+
+
+def test_a_folder_of_captures_is_one_ledger_entry_named_by_its_first_capture(store):
+    from pydicom.uid import generate_uid as new_uid
+
+    from dicom_node.config import ReportConfig
+    from dicom_node.report.capture import build_capture
+    from dicom_node.store import result_files
+
+    study = new_uid()
+    images = [synthetic.mammogram(study_uid=study, seed=i, rows=64, columns=48) for i in range(2)]
+    series = new_uid()
+    captures = [build_capture(ds, [], report=ReportConfig(), sop_instance_uid=new_uid(), series_instance_uid=series,
+                              instance_number=n) for n, ds in enumerate(images, start=7)]
+    folder = store.write_result_set(captures, name=f"{captures[0].SOPInstanceUID}.sc")
+    assert folder.parent == store.results_dir
+    assert [p.name for p in result_files(folder)] == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in captures)
+
+    store.record_delivered(folder, "plain", output="sc")
+    (entry,) = store.delivered_results(study)
+    assert (entry.output, entry.result_sop_instance_uid, entry.result_path) == (
+        "sc", captures[0].SOPInstanceUID, str(folder))
+    assert set(entry.sop_instance_uids) == {str(ds.SOPInstanceUID) for ds in images}
+    # Delivered again (a lost acknowledgement): the same entry.
+    store.record_delivered(folder, "plain", output="sc")
+    assert len(store.delivered_results(study)) == 1
+
+
+def test_a_rebuilt_database_gets_the_delivered_captures_back_from_the_ledger(store, tmp_path):
+    from pydicom.uid import generate_uid as new_uid
+
+    from dicom_node.config import ReportConfig
+    from dicom_node.queue import Queue, State
+    from dicom_node.report.capture import build_capture
+    from dicom_node.store import reconcile
+
+    study = new_uid()
+    images = [synthetic.mammogram(study_uid=study, seed=i, rows=64, columns=48) for i in range(2)]
+    for ds in images:  # received before the database was lost: files without rows
+        store.persist_instance(synthetic.write(ds, tmp_path / "in" / f"{ds.SOPInstanceUID}.dcm"), study_uid=study,
+                               series_uid=ds.SeriesInstanceUID, sop_instance_uid=ds.SOPInstanceUID)
+    captures = [build_capture(ds, [], report=ReportConfig(), sop_instance_uid=new_uid(), series_instance_uid=new_uid(),
+                              instance_number=n) for n, ds in enumerate(images, start=1)]
+    folder = store.write_result_set(captures, name=f"{captures[0].SOPInstanceUID}.sc")
+    store.record_delivered(folder, "plain", output="sc")
+
+    queue = Queue(f"sqlite:///{tmp_path / 'rebuilt.sqlite'}")
+    try:
+        queue.migrate()
+        result = reconcile(store, queue, destinations={"plain": ["sc"], "archive": ["gsps", "sc"]})
+        (job_id,) = result.restored_jobs
+        job = queue.get_job(job_id)
+        assert (job.state, job.result_path) == (State.DONE, str(folder))
+        assert {(d.destination, d.output, d.path, d.sop_instance_uid, d.state) for d in job.deliveries} == {
+            ("plain", "sc", str(folder), captures[0].SOPInstanceUID, State.DONE),
+            ("archive", "sc", str(folder), captures[0].SOPInstanceUID, State.PENDING)}
+        assert queue.enqueue_ready_studies(stable_seconds=0) == []  # the captures covered both images
+    finally:
+        queue.close()

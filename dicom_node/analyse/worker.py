@@ -1,4 +1,5 @@
-"""Analysis workers: claim a study job, run the detector on its images, write the GSPS.
+"""Analysis workers: claim a study job, run the detector on its images, write its results
+(the GSPS; the structured report and the burned-in captures when a destination takes them).
 
 Each worker is its own process holding one loaded model (loaded once, not per job).
 A job's lease is renewed by a heartbeat thread while the model runs; a worker that
@@ -135,11 +136,15 @@ class _Heartbeat:
         self._thread.join()
 
 
+def _is_demo(detector) -> bool:
+    return str(getattr(detector, "label", "")).upper().startswith("DEMO")
+
+
 def _report_config(detector, config: Config):
     from dicom_node.report.common import DEMO_SERIES_DESCRIPTION
 
     report = config.report
-    if getattr(detector, "label", "").upper().startswith("DEMO"):
+    if _is_demo(detector):
         # The radiologist sees the series description in the viewer's series list: a
         # result of the demo weights must say what it is there, whatever the config says.
         report = report.model_copy(update={"series_description": DEMO_SERIES_DESCRIPTION})
@@ -148,13 +153,13 @@ def _report_config(detector, config: Config):
 
 def report_study(
     paths, detector, config: Config, *, analysis_key: str | None = None, job_log=log,
-    previous: pydicom.Dataset | None = None,
+    previous: PreviousResults | None = None,
 ):
     """Analyse one study's files and build its GSPS; returns (gsps, analysis).
 
     The GSPS UIDs derive from `analysis_key` (the job's) and the detector's fingerprint;
     without a key (offline analysis) they are new on every call. `previous`: the study's
-    earlier GSPS, which this one replaces (`previous_results`).
+    earlier results, whose GSPS this one replaces (`previous_results`).
     """
     from dicom_node.report.gsps import build_gsps
 
@@ -162,7 +167,7 @@ def report_study(
     model = detector.fingerprint
     analysis = analyse_study(paths, detector, config, job_log=job_log)
     report = _report_config(detector, config)
-    predecessor = _predecessor(previous, analysis)
+    predecessor = _predecessor(previous, "gsps", analysis)
     gsps = build_gsps(
         analysis.images,
         analysis.detections,
@@ -178,50 +183,77 @@ def report_study(
     return gsps, analysis
 
 
-def previous_results(queue, job, *, job_log=log) -> dict[str, pydicom.Dataset]:
-    """The study's earlier results (output -> dataset without bulk data) that a job of a
-    later generation replaces: an image came after them, or an operator reran the study.
-    One that cannot be read (removed by hand) is logged and replaced by nothing."""
+@dataclass(frozen=True)
+class PreviousResults:
+    """A study's earlier results that a job of a later generation replaces (`previous_results`):
+    output -> its objects without bulk data (one, or the capture set's several)."""
+
+    by_output: dict[str, list[pydicom.Dataset]]
+
+    def latest(self, output: str) -> pydicom.Dataset | None:
+        """The output's object with the highest Instance Number: the new one comes after it."""
+        objects = self.by_output.get(output) or []
+        return max(objects, key=lambda ds: int(ds.get("InstanceNumber") or 1), default=None)
+
+    def covered(self) -> set[str]:
+        """The images the earlier results covered together (the GSPS: all of them)."""
+        from dicom_node.store import covered_images
+
+        return set().union(*(covered_images(ds) for objects in self.by_output.values() for ds in objects))
+
+
+def previous_results(queue, job, *, job_log=log) -> PreviousResults | None:
+    """The study's earlier results that a job of a later generation replaces: an image came
+    after them, or an operator reran the study; None when there are none. One that cannot
+    be read (removed by hand) is logged and replaced by nothing."""
+    from dicom_node.store import result_files
+
     previous = queue.previous_result(job.study_uid, before_generation=job.generation) if job.generation > 1 else None
     if previous is None:
-        return {}
-    paths = {"gsps": previous.result_path}
+        return None
+    paths = {}
     for delivery in previous.deliveries:
         paths.setdefault(delivery.output, delivery.path)
+    # The job's result is its GSPS, unless a delivery says it is another output (a job
+    # restored from the ledger holds one result of any output: store.reconcile).
+    if previous.result_path not in paths.values():
+        paths.setdefault("gsps", previous.result_path)
     found = {}
     for output, path in paths.items():
         try:
-            found[output] = pydicom.dcmread(path, stop_before_pixels=True)
+            found[output] = [pydicom.dcmread(file, stop_before_pixels=True) for file in result_files(path)]
         except (OSError, pydicom.errors.InvalidDicomError) as error:
             job_log.warning("previous_result_unreadable", output=output, previous_job_id=previous.id,
                             error=type(error).__name__)
-    return found
+    return PreviousResults(found)
 
 
-def _predecessor(previous: pydicom.Dataset | None, analysis: StudyAnalysis):
-    """What a new result says of the one it replaces, or None when it replaces none."""
+def _predecessor(previous: PreviousResults | None, output: str, analysis: StudyAnalysis):
+    """What a new result of `output` says of the one it replaces, or None when it replaces
+    none. The reason is the same in every output: the images none of the earlier results
+    covered came after them."""
     from dicom_node.report.common import Predecessor, count
-    from dicom_node.store import covered_images
 
-    if previous is None:
+    latest = previous.latest(output) if previous else None
+    if latest is None:
         return None
-    late = {str(ds.SOPInstanceUID) for ds in analysis.images} - covered_images(previous)
+    late = {str(ds.SOPInstanceUID) for ds in analysis.images} - previous.covered()
     reason = f"{count(len(late), 'image', 'images')} arrived after it" if late else "the study was analysed again"
-    return Predecessor(previous, reason)
+    return Predecessor(latest, reason)
 
 
 def structured_report(
-    analysis: StudyAnalysis, detector, config: Config, *, analysis_key: str, previous: pydicom.Dataset | None = None
+    analysis: StudyAnalysis, detector, config: Config, *, analysis_key: str, previous: PreviousResults | None = None
 ):
     """The TID 1500 report of an analysed study (dicom_node.report.sr), in the series after
     the GSPS's; its UIDs derive from the job's key and the model, as the GSPS's do.
-    `previous`: the study's earlier report, which this one replaces."""
+    `previous`: the study's earlier results, whose report this one replaces."""
     from dicom_node.report.common import fit
     from dicom_node.report.sr import build_sr
 
     report = _report_config(detector, config)
     model = detector.fingerprint
-    predecessor = _predecessor(previous, analysis)
+    predecessor = _predecessor(previous, "sr", analysis)
     return build_sr(
         analysis.images,
         analysis.detections,
@@ -238,6 +270,58 @@ def structured_report(
         note=predecessor.note if predecessor else None,
         predecessors=[predecessor.dataset] if predecessor else (),
     )
+
+
+def captures(
+    analysis: StudyAnalysis, detector, config: Config, *, analysis_key: str, previous: PreviousResults | None = None
+) -> list:
+    """The burned-in captures of an analysed study (dicom_node.report.capture): one per
+    analysed image, in the order of the study's images, in the series after the report's.
+    UIDs derive from the job's key, the model and the source image, as the GSPS's do.
+    An image that was not analysed gets none (the GSPS and the report say why).
+
+    `previous`: the study's earlier results; the new captures go into the earlier captures'
+    series, numbered on from the last of them, each saying what it replaces and why.
+    """
+    from dicom_node.report.capture import build_capture
+
+    report = _report_config(detector, config)
+    model = detector.fingerprint
+    predecessor = _predecessor(previous, "sc", analysis)
+    first = predecessor.next_instance_number if predecessor else 1
+    series_uid = predecessor.series_instance_uid if predecessor else result_uid(analysis_key, model, "sc-series")
+    built = []
+    for image in analysis.images:
+        uid = str(image.SOPInstanceUID)
+        if uid not in analysis.detections:
+            continue
+        built.append(build_capture(
+            image, analysis.detections[uid], report=report,
+            sop_instance_uid=result_uid(analysis_key, model, f"sc-instance/{uid}"),
+            series_instance_uid=series_uid, series_number=report.series_number + 2,
+            instance_number=first + len(built), demo=_is_demo(detector), frame=analysis.frames.get(uid),
+            note=predecessor.note if predecessor else None,
+        ))
+    return built
+
+
+def _make_outputs(analysis, detector, config: Config, store, *, analysis_key: str, previous, job_log) -> dict:
+    """Build and write the structured report and the captures when a destination takes
+    them: output -> (path, SOP Instance UID) for Queue.complete_job. The captures are one
+    folder, named by its first capture, one delivery; none when no image was analysed."""
+    wanted = {output for outputs in config.outputs_by_destination.values() for output in outputs}
+    made = {}
+    if "sr" in wanted:
+        sr = structured_report(analysis, detector, config, analysis_key=analysis_key, previous=previous)
+        made["sr"] = (str(store.write_result(sr, name=f"{sr.SOPInstanceUID}.dcm")), str(sr.SOPInstanceUID))
+    if "sc" in wanted:
+        built = captures(analysis, detector, config, analysis_key=analysis_key, previous=previous)
+        if built:
+            first = str(built[0].SOPInstanceUID)
+            made["sc"] = (str(store.write_result_set(built, name=f"{first}.sc")), first)
+        else:
+            job_log.warning("captures_none", reason="no image was analysed")
+    return made
 
 
 def check_files_present(instances) -> None:
@@ -294,15 +378,12 @@ def process_job(
             previous = previous_results(queue, job, job_log=job_log)
             gsps, analysis = report_study(
                 [i.path for i in instances], detector, config, analysis_key=job.analysis_key,
-                job_log=job_log, previous=previous.get("gsps"),
+                job_log=job_log, previous=previous,
             )
             gsps_uid = str(gsps.SOPInstanceUID)
             path = store.write_result(gsps, name=f"{gsps_uid}.dcm")
-            outputs = {}
-            if any("sr" in wanted for wanted in config.outputs_by_destination.values()):
-                sr = structured_report(analysis, detector, config, analysis_key=job.analysis_key,
-                                       previous=previous.get("sr"))
-                outputs["sr"] = (str(store.write_result(sr, name=f"{sr.SOPInstanceUID}.dcm")), str(sr.SOPInstanceUID))
+            outputs = _make_outputs(analysis, detector, config, store, analysis_key=job.analysis_key,
+                                    previous=previous, job_log=job_log)
     except Exception as error:
         # PermanentError (corrupt pixels, unreadable file) fails at once; anything else
         # is retried with backoff, up to workers.max_attempts.
@@ -330,7 +411,10 @@ def process_job(
                 result_path=str(path),
                 result_sop_instance_uid=gsps_uid,
                 detections=analysis.detection_count,
-                destinations=config.outputs_by_destination,
+                # Each destination gets what it takes of what was made (no capture of a
+                # study where no image was analysed).
+                destinations={name: [o for o in wanted if o == "gsps" or o in outputs]
+                              for name, wanted in config.outputs_by_destination.items()},
                 outputs=outputs,
             ),
             stop=stop,
@@ -353,6 +437,7 @@ def process_job(
         detections=analysis.detection_count,
         gsps_sop_instance_uid=gsps_uid,
         sr_sop_instance_uid=outputs["sr"][1] if "sr" in outputs else None,
+        sc_sop_instance_uid=outputs["sc"][1] if "sc" in outputs else None,
     )
 
 

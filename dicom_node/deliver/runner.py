@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dicom_node import metrics
 from dicom_node.config import Config
-from dicom_node.deliver.scu import send_file
+from dicom_node.deliver.scu import send_files
 from dicom_node.errors import (
     ConfigError,
     PermanentError,
@@ -21,7 +21,7 @@ from dicom_node.errors import (
 from dicom_node.log import describe_error, get_logger
 from dicom_node.queue.ops import utcnow
 from dicom_node.queue.outage import Outage
-from dicom_node.store import InstanceStore, LedgerError
+from dicom_node.store import InstanceStore, LedgerError, result_files
 
 log = get_logger("dicom_node.deliver")
 
@@ -51,8 +51,10 @@ def deliver_once(
     policy = config.delivery
     try:
         destination = config.destination(delivery.destination)
-        send_file(Path(delivery.path), destination, calling_ae_title=config.node.ae_title,
-                  tls=config.security.tls)
+        # One result, one association: a file, or every capture of a study's folder
+        # (sent again as a whole after a failure).
+        send_files(result_files(Path(delivery.path)), destination, calling_ae_title=config.node.ae_title,
+                   tls=config.security.tls)
     except (RetryableError, PermanentError, ConfigError) as error:
         state = queue.fail_delivery(
             delivery.id, worker=worker, error=str(error), retryable=isinstance(error, RetryableError),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ssl
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import dcmread
@@ -97,33 +98,80 @@ def send_file(
     timeout: float = 30,
     tls: TLSConfig | None = None,
 ) -> None:
-    """C-STORE the DICOM file at `path` to `destination` on one association.
+    """C-STORE the DICOM file at `path` to `destination` (see `send_files`)."""
+    send_files([path], destination, calling_ae_title=calling_ae_title, timeout=timeout, tls=tls)
 
-    Proposes the file's SOP class with its transfer syntax (and, for an uncompressed file,
-    Explicit and Implicit VR Little Endian too). Returns when the destination has stored
-    it; raises RetryableError or PermanentError (see the module docstring). `tls`
-    (security.tls) gives the CAs and client certificate for a destination with ``tls = true``.
+
+def send_files(
+    paths: Sequence[Path],
+    destination: DestinationConfig,
+    *,
+    calling_ae_title: str,
+    timeout: float = 30,
+    tls: TLSConfig | None = None,
+) -> None:
+    """C-STORE the DICOM files at `paths` (one result: a file, or a study's captures) to
+    `destination` on one association, one after the other.
+
+    Proposes each file's SOP class with its transfer syntax and, in a presentation context
+    of its own, Explicit and Implicit VR Little Endian (PS3.8 9.3.2.2: the peer accepts or
+    refuses each context, so it can take the uncompressed one only). A compressed file
+    that the peer takes only uncompressed is decompressed before sending: every capture is
+    compressed losslessly, so the decoded object is the same instance (same SOP Instance
+    UID, same pixels). Returns when the destination has stored them all; raises
+    RetryableError or PermanentError (see the module docstring) at the first that fails,
+    so that the caller sends them all again (a PACS keeps one copy of an instance sent twice).
+    `tls` (security.tls) gives the CAs and client certificate for a destination with
+    ``tls = true``.
     """
-    dataset = _read(Path(path))
-    sop_class = UID(dataset.SOPClassUID)
-    sop_instance = str(dataset.SOPInstanceUID)
-    syntax = UID(dataset.file_meta.TransferSyntaxUID)
-    syntaxes = [syntax]
-    if not syntax.is_compressed:
-        syntaxes += [s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != syntax]
-
+    if not paths:
+        raise PermanentError(f"nothing to send to {describe(destination)}: the result holds no file")
+    headers = [(Path(path), _read(Path(path), stop_before_pixels=True)) for path in paths]
     ae = _application_entity(calling_ae_title, timeout)
-    ae.add_requested_context(sop_class, syntaxes)
-    assoc = _associate(ae, destination, what=f"{sop_class.name} ({syntax.name})", tls=tls)
+    by_class: dict[UID, set[UID]] = {}
+    for _, header in headers:
+        by_class.setdefault(UID(header.SOPClassUID), set()).add(UID(header.file_meta.TransferSyntaxUID))
+    for sop_class, syntaxes in by_class.items():
+        for syntax in sorted(s for s in syntaxes if s.is_compressed):
+            ae.add_requested_context(sop_class, [syntax])
+        native = sorted(s for s in syntaxes if not s.is_compressed)
+        ae.add_requested_context(
+            sop_class, list(dict.fromkeys([*native, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+        )
+    what = ", ".join(f"{sop_class.name} ({', '.join(sorted(s.name for s in syntaxes))})"
+                     for sop_class, syntaxes in by_class.items())
+    assoc = _associate(ae, destination, what=what, tls=tls)
     try:
-        status = assoc.send_c_store(dataset)
-    except (OSError, RuntimeError) as error:  # RuntimeError: the association died
-        raise RetryableError(f"C-STORE to {describe(destination)} failed: {error}") from error
-    except (AttributeError, ValueError) as error:  # the data set cannot be encoded as agreed
-        raise PermanentError(f"C-STORE to {describe(destination)} failed: {error}") from error
+        for path, _ in headers:
+            dataset = _read(path)
+            _fit_to_accepted(dataset, assoc, destination)
+            try:
+                status = assoc.send_c_store(dataset)
+            except (OSError, RuntimeError) as error:  # RuntimeError: the association died
+                raise RetryableError(f"C-STORE to {describe(destination)} failed: {error}") from error
+            except (AttributeError, ValueError) as error:  # the data set cannot be encoded as agreed
+                raise PermanentError(f"C-STORE to {describe(destination)} failed: {error}") from error
+            _check_store_status(status, destination, str(dataset.SOPInstanceUID))
     finally:
         _close(assoc)
-    _check_store_status(status, destination, sop_instance)
+
+
+def _fit_to_accepted(dataset: Dataset, assoc: Association, destination: DestinationConfig) -> None:
+    """Decompress `dataset` when the peer took its SOP class uncompressed only; PermanentError
+    when it took the SOP class in no transfer syntax at all."""
+    sop_class, syntax = UID(dataset.SOPClassUID), UID(dataset.file_meta.TransferSyntaxUID)
+    accepted = {UID(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class}
+    if not accepted:
+        raise PermanentError(f"{describe(destination)} does not accept {sop_class.name}")
+    if syntax.is_compressed and syntax not in accepted:
+        try:
+            # Lossless: the same instance, so the same SOP Instance UID (pydicom would make a new one).
+            dataset.decompress(generate_instance_uid=False)
+        except Exception as error:  # no decoder, or data that does not decode: sending again cannot help
+            raise PermanentError(f"cannot decompress {dataset.SOPInstanceUID} for {describe(destination)}: "
+                                 f"{type(error).__name__}") from error
+        log.info("decompressed_for_peer", destination=destination.name, sop_instance_uid=str(dataset.SOPInstanceUID),
+                 transfer_syntax=syntax.name)
 
 
 def echo(
@@ -156,9 +204,9 @@ def echo(
     return f"C-ECHO {describe(destination)} OK in {elapsed_ms:.0f} ms"
 
 
-def _read(path: Path) -> Dataset:
+def _read(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
     try:
-        dataset = dcmread(path)
+        dataset = dcmread(path, stop_before_pixels=stop_before_pixels)
     except (FileNotFoundError, IsADirectoryError, InvalidDicomError) as error:
         raise PermanentError(f"cannot send {path}: {error}") from error
     except OSError as error:  # a disk or NFS hiccup may pass

@@ -149,7 +149,8 @@ deliveries = Table(
     Column("id", Integer, primary_key=True),
     Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
     Column("destination", String(128), nullable=False),
-    # Which result goes there: "gsps", "sr" (destinations[].outputs). Revision 0004.
+    # Which result goes there: "gsps", "sr", "sc" (destinations[].outputs). Revision 0004;
+    # "sc" (a folder of captures, one delivery) came later and needs no revision.
     Column("output", String(8), nullable=False, server_default="gsps"),
     Column("path", Text, nullable=False),
     Column("sop_instance_uid", UID, nullable=False),
@@ -193,7 +194,7 @@ class Delivery:
     run_after: datetime
     created_at: datetime
     updated_at: datetime
-    output: str = "gsps"  # which of the job's results: "gsps" or "sr"
+    output: str = "gsps"  # which of the job's results: "gsps", "sr" or "sc" (its path: a folder)
 
     def log_context(self) -> dict:
         return {"delivery_id": self.id, "job_id": self.job_id, "destination": self.destination,

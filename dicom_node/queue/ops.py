@@ -682,9 +682,10 @@ class Queue:
         one transaction.
 
         The job's result (`result_path`, `result_sop_instance_uid`) is its GSPS; `outputs`
-        gives the others ("sr": (path, SOP Instance UID)). `destinations` maps each name to
-        the outputs it takes; a plain list of names takes the GSPS. Raises LeaseLost (and
-        changes nothing) if `worker` no longer holds the job.
+        gives the others ("sr": (path, SOP Instance UID); "sc": (the captures' folder, its
+        first capture's UID)). `destinations` maps each name to the outputs it takes; a
+        plain list of names takes the GSPS. Raises LeaseLost (and changes nothing) if
+        `worker` no longer holds the job.
         """
         now = now or utcnow()
         results = {"gsps": (str(result_path), result_sop_instance_uid), **(outputs or {})}

@@ -12,8 +12,11 @@ Capture Image (PS3.3 A.8.1) in its own series of the source's study, whose pixel
 - at the top, the line the GSPS puts on every image (report.common.image_statement, the same words):
   ``<manufacturer>: 2 masses marked - AI, not for diagnosis``, ``... analysed, no mass
   marked - ...`` or ``<manufacturer>: not analysed: <reason>``;
+- when it replaces an earlier capture of the study (report.common.Predecessor), a second line
+  saying which and why (``Replaces the result of ...: 1 image arrived after it``), also in
+  Image Comments;
 - with the demo weights, the warning (report.common.DEMO_SERIES_DESCRIPTION) in white on a red band
-  below that line; the Series Description is then the warning too.
+  below those lines; the Series Description is then the warning too.
 
 The object says what it is: Burned In Annotation YES (PS3.3 C.7.6.1.1.11: the pixels carry
 text, and the boxes), Image Type DERIVED\\SECONDARY, a Source Image Sequence referencing the
@@ -102,6 +105,8 @@ def build_capture(
     frame: int | None = None,
     max_bytes: int | None = None,
     transfer_syntax_uid: str = DEFAULT_TRANSFER_SYNTAX,
+    series_number: int | None = None,
+    note: str | None = None,
 ) -> SCImage:
     """One burned-in Secondary Capture of `image`: its display with `detections` drawn in.
 
@@ -111,7 +116,8 @@ def build_capture(
     (default the central one, as the worker and the GSPS take it). `demo`: results of the
     demo weights, which the capture says in its pixels and its Series Description.
     `max_bytes` bounds the decoding (node.max_dataset_megabytes) for an image the worker
-    did not decode.
+    did not decode. `series_number`: default report.series_number. `note`: what this
+    capture replaces and why (report.common.Predecessor.note), burned in and in Image Comments.
 
     Raises ValueError for contradicting arguments (a caller bug), UnsupportedImage or
     PermanentError (naming the SOP Instance UID) for an image that cannot be rendered.
@@ -133,7 +139,7 @@ def build_capture(
     else:
         boxes = clipped_boxes(detections, image)  # logs those outside the image
         summary = image_statement(report.manufacturer, marked=len(boxes), frame=frame)
-    pixels = _draw(grey, boxes, summary, demo=demo)
+    pixels = _draw(grey, boxes, [summary, note] if note else [summary], demo=demo)
 
     source = normalised_copy(image)
     laterality = str(source.get("ImageLaterality") or source.get("Laterality") or "").upper()
@@ -145,7 +151,7 @@ def build_capture(
             bits_allocated=8,
             coordinate_system="PATIENT",
             series_instance_uid=series_instance_uid,
-            series_number=report.series_number,
+            series_number=report.series_number if series_number is None else series_number,
             sop_instance_uid=sop_instance_uid,
             instance_number=instance_number,
             manufacturer=report.manufacturer,
@@ -173,6 +179,8 @@ def build_capture(
     capture.ImageType = ["DERIVED", "SECONDARY"]
     capture.DerivationDescription = _derivation(source, frame, boxes=len(boxes), analysed=detections is not None)
     capture.SourceImageSequence = DicomSequence([_source_reference(source, frame)])
+    if note:
+        capture.ImageComments = note  # General Image (C.7.6.1), Type 3
     if str(source.get("LossyImageCompression", "")) == "01":
         # C.7.6.1.1.5: once lossy compressed, always said so, through every derivation.
         for keyword in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
@@ -219,8 +227,8 @@ def _source_reference(source: Dataset, frame: int | None) -> Dataset:
 # ---------------------------------------------------------------- drawing
 
 
-def _draw(grey: np.ndarray, boxes, summary: str, *, demo: bool) -> np.ndarray:
-    """`grey` (float32 in [0, 1]) as 8-bit RGB with the boxes, labels and text lines drawn."""
+def _draw(grey: np.ndarray, boxes, lines: Sequence[str], *, demo: bool) -> np.ndarray:
+    """`grey` (float32 in [0, 1]) as 8-bit RGB with the boxes, labels and text `lines` drawn."""
     rows, columns = grey.shape
     levels = np.rint(grey * np.float32(255)).astype(np.uint8)
     canvas = Image.fromarray(levels).convert("RGB")
@@ -237,8 +245,10 @@ def _draw(grey: np.ndarray, boxes, summary: str, *, demo: bool) -> np.ndarray:
 
     margin = max(2, round(min(rows, columns) * 0.01))
     size = max(10, rows * 0.025)
-    bottom = _text(draw, (margin, margin), summary, size=size, fill=BOX_COLOUR,
-                   max_width=columns - 2 * margin)
+    bottom = 0
+    for line in lines:
+        bottom = _text(draw, (margin, bottom + margin), line, size=size, fill=BOX_COLOUR,
+                       max_width=columns - 2 * margin)
     if demo:
         top = bottom + margin
         font = _font_tofit(draw, DEMO_SERIES_DESCRIPTION, size, columns - 2 * margin)

@@ -30,14 +30,15 @@ from tests.integration.process import wait_for
 LEASE = 300.0
 
 
-def node_config(folder: Path, boxes=((0.25, 0.30, 0.50, 0.55, 0.91),)) -> Config:
+def node_config(folder: Path, boxes=((0.25, 0.30, 0.50, 0.55, 0.91),), outputs=("gsps",)) -> Config:
     folder.mkdir(parents=True, exist_ok=True)
     return parse_config(
         {
             "node": {"data_dir": str(folder / "data")},
             "security": {"allow_any_caller": True},
             "detector": {"architecture": "fixed_boxes", "weights": str(fixed_boxes(folder, boxes))},
-            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+                              "outputs": list(outputs)}],
         },
         base_dir=folder,
     )
@@ -46,8 +47,9 @@ def node_config(folder: Path, boxes=((0.25, 0.30, 0.50, 0.55, 0.91),)) -> Config
 class Installation:
     """One node's data: its store, its queue (optionally on another filesystem), its detector."""
 
-    def __init__(self, folder: Path, *, database: Path | None = None, boxes=((0.25, 0.30, 0.50, 0.55, 0.91),)):
-        self.config = node_config(folder, boxes)
+    def __init__(self, folder: Path, *, database: Path | None = None, boxes=((0.25, 0.30, 0.50, 0.55, 0.91),),
+                 outputs=("gsps",)):
+        self.config = node_config(folder, boxes, outputs)
         self.store = InstanceStore(self.config.node.data_dir, fsync=False)
         self.queue = Queue(f"sqlite:///{database or self.config.node.data_dir / 'dicom-node.sqlite'}")
         self.queue.migrate()

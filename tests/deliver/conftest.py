@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -73,16 +75,15 @@ class Storescp:
     process: subprocess.Popen
 
 
-@pytest.fixture
-def storescp(tmp_path):
-    """dcmtk storescp accepting every storage SOP class, writing into a temporary folder."""
+@contextlib.contextmanager
+def running_storescp(output, *options: str) -> Iterator[Storescp]:
+    """dcmtk storescp on a free port writing into `output`, with `options` (e.g. ``+xa``)."""
     if shutil.which("storescp") is None:
         pytest.fail("storescp not found: install dcmtk")
-    output = tmp_path / "received"
     output.mkdir()
     port = free_port()
     process = subprocess.Popen(
-        ["storescp", "--aetitle", "STORESCP", "--output-directory", str(output), "+xa", str(port)],
+        ["storescp", "--aetitle", "STORESCP", "--output-directory", str(output), *options, str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -97,6 +98,13 @@ def storescp(tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def storescp(tmp_path):
+    """dcmtk storescp accepting every storage SOP class, writing into a temporary folder."""
+    with running_storescp(tmp_path / "received", "+xa") as peer:
+        yield peer
 
 
 @dataclass

@@ -4,7 +4,7 @@ them) and a real SQLite queue inside it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -23,10 +23,11 @@ class StoredStudy:
     study_uid: str
     instance_paths: list[Path]
     result_path: Path
+    capture_paths: list[Path] = field(default_factory=list)  # a folder of captures ("sc")
 
     @property
     def files(self) -> list[Path]:
-        return [*self.instance_paths, self.result_path]
+        return [*self.instance_paths, self.result_path, *self.capture_paths]
 
     @property
     def bytes(self) -> int:
@@ -71,7 +72,7 @@ def make_study(store, queue, tmp_path):
     destinations named in `fail`; `send=False`: they stay pending, retried years later).
     """
     def make(delivered_at: datetime, *, series: int = 2, per_series: int = 1, rows: int = 64,
-             fail: Sequence[str] = (), send: bool = True) -> StoredStudy:
+             fail: Sequence[str] = (), send: bool = True, captures: int = 0) -> StoredStudy:
         study_uid = generate_uid()
         paths = []
         for series_index in range(series):
@@ -91,7 +92,12 @@ def make_study(store, queue, tmp_path):
                 paths.append(path)
         result = synthetic.mammogram(study_uid=study_uid, rows=16, columns=16)  # stands in for the GSPS
         result_path = store.write_result(result, name=f"{result.SOPInstanceUID}.dcm")
-        job_id = analyse(queue, study_uid, now=delivered_at, result_path=str(result_path))
+        # `captures`: also that many burned-in captures, one folder, delivered as one ("sc").
+        stand_ins = [synthetic.mammogram(study_uid=study_uid, rows=16, columns=16, seed=i) for i in range(captures)]
+        folder = store.write_result_set(stand_ins, name=f"{stand_ins[0].SOPInstanceUID}.sc") if captures else None
+        job_id = analyse(queue, study_uid, now=delivered_at, result_path=str(result_path),
+                         destinations={"pacs": ["gsps", "sc"] if captures else ["gsps"]},
+                         outputs={"sc": (str(folder), stand_ins[0].SOPInstanceUID)} if captures else None)
         if send:
             deliver(queue, now=delivered_at, fail=tuple(fail))
         else:  # the PACS is down: retried much later (so no later deliver() sends it)
@@ -100,6 +106,6 @@ def make_study(store, queue, tmp_path):
             queue.fail_delivery(delivery.id, worker="d", error="cannot connect", retryable=True,
                                 backoff_seconds=10**9, max_backoff_seconds=10**9, max_attempts=100,
                                 now=delivered_at)
-        return StoredStudy(study_uid, paths, result_path)
+        return StoredStudy(study_uid, paths, result_path, sorted(folder.iterdir()) if captures else [])
 
     return make

@@ -77,6 +77,19 @@ def test_age_removes_rows_files_and_folders_of_studies_delivered_long_enough_ago
     assert (reconciled.missing, reconciled.recorded, reconciled.unrecognised) == ([], [], [])
 
 
+def test_a_delivered_folder_of_captures_is_removed_with_its_study(data_dir, store, queue, make_study):
+    study = make_study(NOW - 8 * DAY, series=1, captures=2)
+    folder = study.capture_paths[0].parent
+    expected_bytes = study.bytes
+
+    (purged,) = retention_pass(queue, store, node_config(data_dir, keep_delivered_for="7d"), now=NOW).purged
+
+    assert (purged.instances, purged.results, purged.bytes) == (1, 3, expected_bytes)  # the GSPS, 2 captures
+    assert_gone(queue, study)
+    assert not folder.exists()
+    assert store.results_dir.is_dir()
+
+
 def test_a_file_without_a_row_keeps_its_folder(data_dir, store, queue, make_study, tmp_path):
     # The SCP renames a new instance into the study's series folder, then waits for the write
     # lock the removal holds: its file is not one the rows name, so it stays, with its folders.

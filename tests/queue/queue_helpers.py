@@ -33,17 +33,19 @@ def record(queue: Queue, study_uid: str, *, now: datetime, sop_instance_uid: str
 
 
 def analyse(queue: Queue, study_uid: str, *, now: datetime, destinations=("pacs",),
-            result_path: str | None = None) -> int:
+            result_path: str | None = None, outputs=None) -> int:
     """Enqueue the study's received instances and complete its job at `now`; returns the job id.
 
-    One pending delivery per destination is created, as the worker does.
+    One pending delivery per destination (and output: `destinations` name -> outputs, with
+    `outputs` for those other than the GSPS) is created, as the worker does.
     """
     assert queue.enqueue_ready_studies(stable_seconds=0, now=now)
     job = queue.claim_next_job(worker="w", lease_seconds=600, now=now)
     assert job is not None and job.study_uid == study_uid
     queue.complete_job(
         job.id, worker="w", result_path=result_path or f"/data/results/{job.id}.dcm",
-        result_sop_instance_uid=new_uid(), detections=0, destinations=list(destinations), now=now,
+        result_sop_instance_uid=new_uid(), detections=0,
+        destinations=destinations if isinstance(destinations, dict) else list(destinations), outputs=outputs, now=now,
     )
     return job.id
 
