@@ -35,6 +35,7 @@ from sqlalchemy import (
     Row,
     Table,
     and_,
+    bindparam,
     case,
     delete,
     false,
@@ -257,23 +258,38 @@ def _requeue(table: Table, *, now: datetime):
 # --- Study and job operations ---------------------------------------------------------
 
 
-def _touch_study(backend_insert, study_uid: str, now: datetime):
-    """Create the study row, or count one more instance and move its last_received_at.
+def _recording_statements(backend_insert):
+    """The two statements of Queue.record_instance, built once with bound parameters
+    (study_uid, now, and the instances columns): SQLAlchemy then finds them compiled in its
+    cache, where a statement built per call cost a cache key each time (0.24 ms per
+    execute, in front of every C-STORE answer).
 
-    One INSERT ... ON CONFLICT DO UPDATE (`backend_insert`: the dialect's insert), so two
-    receivers counting instances of one new study at once both count.
+    The first creates the study row, or counts one more instance and moves its
+    last_received_at: one INSERT ... ON CONFLICT DO UPDATE (`backend_insert`: the
+    dialect's insert), so two receivers counting instances of one new study at once both
+    count. The second inserts the instance, or nothing for a known one.
     """
-    stmt = backend_insert(studies).values(
-        study_uid=study_uid,
+    now = bindparam("now")
+    touch = backend_insert(studies).values(
+        study_uid=bindparam("study_uid"),
         first_received_at=now,
         last_received_at=now,
         instance_count=1,
         enqueued_instance_count=0,
     )
-    return stmt.on_conflict_do_update(
+    touch = touch.on_conflict_do_update(
         index_elements=[studies.c.study_uid],
         set_={"last_received_at": now, "instance_count": studies.c.instance_count + 1},
     )
+    columns = ("sop_instance_uid", "sop_class_uid", "study_uid", "series_uid", "path", "transfer_syntax",
+               "calling_ae", "size_bytes", "received_at")
+    insert = (
+        backend_insert(instances)
+        .values({name: bindparam(name) for name in columns})
+        .on_conflict_do_nothing(index_elements=[instances.c.sop_instance_uid])
+        .returning(instances.c.id)
+    )
+    return touch, insert
 
 
 def _has_pending_job(conn: Connection, study_uid: str) -> bool:
@@ -421,6 +437,7 @@ class Queue:
         self.path = self._backend.target  # what messages name: the file, or the URL without its password
         self._engine = self._backend.create_engine()
         self._reader = self._engine.execution_options(**self._backend.reader_options)
+        self._touch_study, self._insert_instance = _recording_statements(self._backend.insert)
 
     def close(self) -> None:
         """Close pooled connections (call before the process exits or forks)."""
@@ -524,24 +541,23 @@ class Queue:
         now = now or utcnow()
         try:
             with self._write() as conn:
-                conn.execute(_touch_study(self._backend.insert, study_uid, now))
+                conn.execute(self._touch_study, {"study_uid": study_uid, "now": now})
                 # A duplicate (known already, or recorded by another receiver meanwhile)
                 # inserts nothing: then this transaction, with its study count, is rolled
                 # back. Two statements, no lookup first: this runs before every answer.
                 added = conn.execute(
-                    self._backend.insert(instances).values(
-                        sop_instance_uid=sop_instance_uid,
-                        sop_class_uid=sop_class_uid,
-                        study_uid=study_uid,
-                        series_uid=series_uid,
-                        path=str(path),
-                        transfer_syntax=transfer_syntax,
-                        calling_ae=calling_ae,
-                        size_bytes=size_bytes,
-                        received_at=now,
-                    )
-                    .on_conflict_do_nothing(index_elements=[instances.c.sop_instance_uid])
-                    .returning(instances.c.id)
+                    self._insert_instance,
+                    {
+                        "sop_instance_uid": sop_instance_uid,
+                        "sop_class_uid": sop_class_uid,
+                        "study_uid": study_uid,
+                        "series_uid": series_uid,
+                        "path": str(path),
+                        "transfer_syntax": transfer_syntax,
+                        "calling_ae": calling_ae,
+                        "size_bytes": size_bytes,
+                        "received_at": now,
+                    },
                 ).scalar()
                 if added is None:
                     raise _Duplicate
