@@ -40,7 +40,7 @@ from dicom_node import metrics
 from dicom_node.errors import QueueUnavailable
 from dicom_node.log import describe_error, get_logger
 from dicom_node.receive.activity import ReceiveActivity
-from dicom_node.receive.spool import StorageLimits, spool_refusal
+from dicom_node.receive.spool import StorageLimits, data_set_offset, spool_refusal
 from dicom_node.receive.structure import (
     IMAGE_PIXEL_TAGS,
     MalformedDataset,
@@ -202,7 +202,8 @@ def _scan(data, *, start: int, syntax: UID) -> ScannedDataset:
 
 
 def read_identity(
-    path: Path, *, transfer_syntax: str, limits: StorageLimits, store: InstanceStore
+    path: Path, *, transfer_syntax: str, limits: StorageLimits, store: InstanceStore,
+    data_set_offset: int | None = None,
 ) -> InstanceIdentity:
     """Check the spooled data set's structure and read its identifying attributes.
 
@@ -212,7 +213,9 @@ def read_identity(
     could be patient data. Pixels are never decoded.
     """
     syntax = UID(transfer_syntax)
-    _, offset = split_dataset(path)  # pynetdicom's File Meta, then the data set as received
+    # The File Meta, then the data set as received; the spool knows where the header it
+    # wrote ends (reading the File Meta back took 0.25 ms of every answer).
+    offset = split_dataset(path)[1] if data_set_offset is None else data_set_offset
     try:
         if syntax == DeflatedExplicitVRLittleEndian:
             with store.temp_path(suffix=".inflated") as inflated:
@@ -355,7 +358,8 @@ def _store(event: evt.Event, queue, store: InstanceStore, limits: StorageLimits)
             raise InstanceRefused(StoreStatus(refusal.status), refusal.reason)
         transfer_syntax = event.context.transfer_syntax
         identity = read_identity(
-            event.dataset_path, transfer_syntax=transfer_syntax, limits=limits, store=store
+            event.dataset_path, transfer_syntax=transfer_syntax, limits=limits, store=store,
+            data_set_offset=data_set_offset(request),
         )
         check_identity(
             identity,

@@ -133,6 +133,7 @@ class SpoolFile:
         self.size = 0
         self._next_space_check = 0
         self._written_back = 0
+        self.data_set_offset = len(header)  # where the data set as received starts
         self.write(header)
 
     @property
@@ -206,6 +207,13 @@ def discard(name: str) -> None:
         os.unlink(name)
     except OSError:
         pass
+
+
+def data_set_offset(request) -> int | None:
+    """Where the data set starts in the spool file of a C-STORE request primitive (after
+    the header SpoolFile wrote), or None if it was not spooled by a SpoolFile."""
+    spool = getattr(request, "_dataset_file", None)
+    return spool.data_set_offset if isinstance(spool, SpoolFile) else None
 
 
 def spool_refusal(request) -> SpoolRefusal | None:
