@@ -53,6 +53,7 @@ from dicom_node.receive.handlers import (
 )
 from dicom_node.receive.limits import DimseGuard, PduReader, read_pdu_bounded
 from dicom_node.receive.reactor import wake_association_on_work, wake_on_activity
+from dicom_node.receive.responses import answer_stores_directly
 from dicom_node.receive.spool import StorageLimits
 from dicom_node.store import InstanceStore
 from dicom_node.tls import scp_context, server_handshake
@@ -107,6 +108,7 @@ class StoreRequestHandler(RequestHandler):
       data sets (dicom_node.receive.limits);
     - the DUL waits on its socket and its outgoing queue, and the association thread on the
       DUL's messages, instead of polling (dicom_node.receive.reactor);
+    - C-STORE responses are encoded here (dicom_node.receive.responses);
     - spool files of data sets never handed to the C-STORE handler are deleted;
     - an exception in the DUL thread (a peer's malformed bytes) is logged, not printed.
     """
@@ -123,6 +125,7 @@ class StoreRequestHandler(RequestHandler):
         association.dimse.receive_primitive = DimseGuard(association, limits=server.limits, store=server.store)
         outgoing = wake_on_activity(dul, unread=lambda: reader.buffered)
         wake_association_on_work(association)
+        answer_stores_directly(association)
         run, dul_run = association.run, association.dul.run
 
         def run_then_discard() -> None:
