@@ -17,6 +17,8 @@ import struct
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from dicom_node.receive.spool import text_value, uid_value
+
 C_STORE_RSP = 0x8001  # PS3.7 9.3.1.2, Command Field
 NO_DATA_SET = 0x0101  # PS3.7 E.1, Command Data Set Type: no data set follows
 # PS3.8 E.2, the message control header: a command fragment, the last one.
@@ -32,30 +34,20 @@ def _element(element: int, value: bytes) -> bytes:
     return _ELEMENT_HEADER.pack(0x0000, element, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
-    data = value.encode("ascii")
-    return data + b"\x00" * (len(data) % 2)  # PS3.5 9.1: a UI value is padded with NUL
-
-
-def _text(value: str) -> bytes:
-    data = value.encode("ascii", "replace")
-    return data + b" " * (len(data) % 2)  # PS3.5 6.2: text values are padded with a space
-
-
 def c_store_response(
     *, message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int, error_comment: str | None = None
 ) -> bytes:
     """The command set of a C-STORE-RSP (PS3.7 9.3.1.2), its elements in tag order."""
     elements = [
-        _element(0x0002, _uid(sop_class_uid)),  # Affected SOP Class UID
+        _element(0x0002, uid_value(sop_class_uid)),  # Affected SOP Class UID
         _element(0x0100, _US.pack(C_STORE_RSP)),  # Command Field
         _element(0x0120, _US.pack(message_id)),  # Message ID Being Responded To
         _element(0x0800, _US.pack(NO_DATA_SET)),  # Command Data Set Type
         _element(0x0900, _US.pack(status)),  # Status
     ]
     if error_comment:
-        elements.append(_element(0x0902, _text(error_comment)))  # Error Comment
-    elements.append(_element(0x1000, _uid(sop_instance_uid)))  # Affected SOP Instance UID
+        elements.append(_element(0x0902, text_value(error_comment)))  # Error Comment
+    elements.append(_element(0x1000, uid_value(sop_instance_uid)))  # Affected SOP Instance UID
     body = b"".join(elements)
     return _element(0x0000, _UL.pack(len(body))) + body  # Command Group Length
 

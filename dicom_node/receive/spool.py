@@ -80,14 +80,14 @@ def part10_header(
     """
     elements = b"".join((
         _element(0x0001, b"OB", b"\x00\x01"),  # File Meta Information Version
-        _element(0x0002, b"UI", _uid(sop_class_uid)),
-        _element(0x0003, b"UI", _uid(sop_instance_uid)),
-        _element(0x0010, b"UI", _uid(transfer_syntax)),
-        _element(0x0012, b"UI", _uid(PYNETDICOM_IMPLEMENTATION_UID)),
-        _element(0x0013, b"SH", _text(PYNETDICOM_IMPLEMENTATION_VERSION)),
-        _element(0x0016, b"AE", _text(called_ae)),  # Source Application Entity Title
-        _element(0x0017, b"AE", _text(calling_ae)),  # Sending Application Entity Title
-        _element(0x0018, b"AE", _text(called_ae)),  # Receiving Application Entity Title
+        _element(0x0002, b"UI", uid_value(sop_class_uid)),
+        _element(0x0003, b"UI", uid_value(sop_instance_uid)),
+        _element(0x0010, b"UI", uid_value(transfer_syntax)),
+        _element(0x0012, b"UI", uid_value(PYNETDICOM_IMPLEMENTATION_UID)),
+        _element(0x0013, b"SH", text_value(PYNETDICOM_IMPLEMENTATION_VERSION)),
+        _element(0x0016, b"AE", text_value(called_ae)),  # Source Application Entity Title
+        _element(0x0017, b"AE", text_value(calling_ae)),  # Sending Application Entity Title
+        _element(0x0018, b"AE", text_value(called_ae)),  # Receiving Application Entity Title
     ))
     return PREAMBLE + _element(0x0000, b"UL", struct.pack("<L", len(elements))) + elements
 
@@ -99,12 +99,14 @@ def _element(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
+def uid_value(value: str) -> bytes:
+    """A UI value as encoded (also in command sets: dicom_node.receive.responses)."""
     data = str(value).encode("ascii", "replace")
     return data + b"\x00" * (len(data) % 2)  # PS3.5 9.1: a UI value is padded with NUL
 
 
-def _text(value: str) -> bytes:
+def text_value(value: str) -> bytes:
+    """A text value (AE, SH, LO) as encoded, in ASCII."""
     data = str(value).encode("ascii", "replace")
     return data + b" " * (len(data) % 2)  # PS3.5 6.2: text values are padded with a space
 
