@@ -208,22 +208,24 @@ def previous_results(queue, job, *, job_log=log) -> PreviousResults | None:
     be read (removed by hand) is logged and replaced by nothing."""
     from dicom_node.store import result_files
 
-    previous = queue.previous_result(job.study_uid, before_generation=job.generation) if job.generation > 1 else None
-    if previous is None:
+    earlier = queue.previous_results(job.study_uid, before_generation=job.generation) if job.generation > 1 else []
+    if not earlier:
         return None
-    paths = {}
-    for delivery in previous.deliveries:
-        paths.setdefault(delivery.output, delivery.path)
-    # The job's result is its GSPS, unless a delivery says it is another output (a job
-    # restored from the ledger holds one result of any output: store.reconcile).
-    if previous.result_path not in paths.values():
-        paths.setdefault("gsps", previous.result_path)
+    paths = {}  # output -> (path, job id): the newest job that made it
+    for previous in earlier:
+        made = {delivery.output: delivery.path for delivery in previous.deliveries}
+        # The job's result is its GSPS, unless a delivery says it is another output (a job
+        # restored from the ledger holds one result of any output: store.reconcile).
+        if previous.result_path not in made.values():
+            made.setdefault("gsps", previous.result_path)
+        for output, path in made.items():
+            paths.setdefault(output, (path, previous.id))
     found = {}
-    for output, path in paths.items():
+    for output, (path, previous_id) in paths.items():
         try:
             found[output] = [pydicom.dcmread(file, stop_before_pixels=True) for file in result_files(path)]
         except (OSError, pydicom.errors.InvalidDicomError) as error:
-            job_log.warning("previous_result_unreadable", output=output, previous_job_id=previous.id,
+            job_log.warning("previous_result_unreadable", output=output, previous_job_id=previous_id,
                             error=type(error).__name__)
     return PreviousResults(found)
 

@@ -938,20 +938,20 @@ class Queue:
             found = _jobs_with_deliveries(conn, rows)
         return found[0] if found else None
 
-    def previous_result(self, study_uid: str, *, before_generation: int) -> Job | None:
-        """The study's latest done job of an earlier generation that made a result, with its
-        deliveries (where its other outputs are); None when there is none. A new analysis
-        of the study replaces that result (README "What the radiologist sees")."""
+    def previous_results(self, study_uid: str, *, before_generation: int) -> list[Job]:
+        """The study's done jobs of earlier generations that made a result, newest first,
+        each with its deliveries (where its other outputs are). A new analysis of the
+        study replaces the newest result of each output (README "What the radiologist
+        sees"): usually all in the newest job; after a rebuilt database each restored
+        result is a job of its own (restore_delivered)."""
         stmt = (
             select(jobs)
             .where(jobs.c.study_uid == study_uid, jobs.c.generation < before_generation,
                    jobs.c.state == State.DONE, jobs.c.result_path.is_not(None))
             .order_by(jobs.c.generation.desc())
-            .limit(1)
         )
         with self._read() as conn:
-            found = _jobs_with_deliveries(conn, conn.execute(stmt).all())
-        return found[0] if found else None
+            return _jobs_with_deliveries(conn, conn.execute(stmt).all())
 
     def list_jobs(self, *, state: str | None = None, limit: int = 50) -> list[Job]:
         """The newest jobs (optionally in one state), each with its deliveries.

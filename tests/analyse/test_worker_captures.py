@@ -93,6 +93,46 @@ def test_a_later_generation_continues_the_capture_series_and_says_what_it_replac
         assert ds.ImageComments.endswith(": 1 image arrived after it")
 
 
+def test_after_a_rebuilt_database_a_later_generation_continues_every_output_s_series(node, tmp_path):
+    # A rebuilt database holds each delivered result restored from the ledger as a done job
+    # of its own (Queue.restore_delivered): the GSPS in one, the captures in another.
+    from types import SimpleNamespace
+
+    from .test_worker_database import Installation
+
+    files = synthetic.study(tmp_path / "study", n_images=2, rows=256, columns=192)
+    study_uid = node.receive(files[:1])
+    first_job = node.claim()
+    node.process(first_job)
+    done = node.queue.get_job(first_job.id)
+    first_gsps = pydicom.dcmread(delivery(done, "gsps").path)
+    first_captures = read_captures(node.store.results_dir / f"{delivery(done, 'sc').sop_instance_uid}.sc")
+
+    rebuilt = Installation(tmp_path / "node", database=tmp_path / "rebuilt.sqlite", boxes=(BOX,), outputs=("gsps", "sc"))
+    try:
+        rebuilt.receive(files[:1])
+        entries = [
+            SimpleNamespace(output=output, result_path=d.path, result_sop_instance_uid=d.sop_instance_uid,
+                            sop_instance_uids=[str(first_gsps.ReferencedSeriesSequence[0]
+                                                   .ReferencedImageSequence[0].ReferencedSOPInstanceUID)],
+                            delivered={"pacs": done.updated_at})
+            for output, d in (("gsps", delivery(done, "gsps")), ("sc", delivery(done, "sc")))
+        ]
+        assert len(rebuilt.queue.restore_delivered(study_uid, entries)) == 2
+        rebuilt.receive(files[1:])  # an image after the restored results
+        job = rebuilt.claim()
+        rebuilt.process(job)
+        later = rebuilt.queue.get_job(job.id)
+        gsps = pydicom.dcmread(delivery(later, "gsps").path)
+        captures = read_captures(rebuilt.store.results_dir / f"{delivery(later, 'sc').sop_instance_uid}.sc")
+    finally:
+        rebuilt.close()
+    # Both continue their series: neither output lost track of what it replaces.
+    assert (gsps.SeriesInstanceUID, int(gsps.InstanceNumber)) == (first_gsps.SeriesInstanceUID, 2)
+    assert {ds.SeriesInstanceUID for ds in captures} == {first_captures[0].SeriesInstanceUID}
+    assert [int(ds.InstanceNumber) for ds in captures] == [2, 3]
+
+
 def test_a_study_with_no_analysed_image_gets_no_capture_delivery(tmp_path):
     node = Installation(tmp_path / "node", boxes=(BOX,), outputs=("sc",))
     try:
@@ -121,7 +161,7 @@ def test_a_job_restored_from_the_ledger_with_captures_is_not_taken_for_a_gsps(no
     node.process(job)
     folder = delivery(node.queue.get_job(job.id), "sc").path
     restored = SimpleNamespace(id=job.id, result_path=folder, deliveries=[SimpleNamespace(output="sc", path=folder)])
-    queue = SimpleNamespace(previous_result=lambda study_uid, before_generation: restored)
+    queue = SimpleNamespace(previous_results=lambda study_uid, before_generation: [restored])
 
     found = previous_results(queue, SimpleNamespace(study_uid=job.study_uid, generation=2))
     assert set(found.by_output) == {"sc"}

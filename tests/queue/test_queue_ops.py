@@ -130,17 +130,17 @@ def test_a_later_generation_finds_the_result_it_replaces(queue):
     study = new_uid()
     record(queue, study, now=T0)
     (first,) = queue.enqueue_ready_studies(stable_seconds=0, now=T0)
-    assert queue.previous_result(study, before_generation=1) is None
+    assert queue.previous_results(study, before_generation=1) == []
     queue.claim_next_job(worker="w1", lease_seconds=LEASE, now=T0)
     queue.complete_job(first, worker="w1", result_path="/r/1.dcm", result_sop_instance_uid=new_uid(),
                        detections=0, destinations={"ohif": ["gsps", "sr"]}, outputs={"sr": ("/r/1-sr.dcm", new_uid())},
                        now=T0 + s(1))
     record(queue, study, now=T0 + s(100))
     (second,) = queue.enqueue_ready_studies(stable_seconds=10, now=T0 + s(110))
-    previous = queue.previous_result(study, before_generation=queue.get_job(second).generation)
+    (previous,) = queue.previous_results(study, before_generation=queue.get_job(second).generation)
     assert previous.id == first and previous.result_path == "/r/1.dcm"
     assert {d.output: d.path for d in previous.deliveries} == {"gsps": "/r/1.dcm", "sr": "/r/1-sr.dcm"}
-    assert queue.previous_result(new_uid(), before_generation=2) is None
+    assert queue.previous_results(new_uid(), before_generation=2) == []
 
 
 def test_instance_while_job_still_pending_joins_that_job(queue):
