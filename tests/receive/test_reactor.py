@@ -38,18 +38,19 @@ def test_a_put_ends_the_wait_at_once():
 
 
 def test_closed_or_forgotten_queues_release_their_eventfd():
-    gc.collect()  # what earlier tests forgot
-    before = open_eventfds()
+    # Each queue's own eventfd, not the process's count: associations of earlier tests may
+    # still be ending (and closing theirs) meanwhile.
     queues = [SignallingQueue() for _ in range(50)]
-    assert open_eventfds() == before + 50
+    signals = [queue._signal for queue in queues]
+    assert all(os.readlink(f"/proc/self/fd/{signal.fd}") == "anon_inode:[eventfd]" for signal in signals)
     for queue in queues[:25]:
         queue.put("x")
         queue.close()
         queue.put("after close: queued, not signalled")
-    assert open_eventfds() == before + 25
+    assert [signal.fd is None for signal in signals] == [True] * 25 + [False] * 25
     del queues, queue
     gc.collect()
-    assert open_eventfds() == before
+    assert all(signal.fd is None for signal in signals)  # closed by the forgotten queues' finalizers
 
 
 def test_associations_leave_no_file_descriptor_behind(node):
