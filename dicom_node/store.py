@@ -251,9 +251,13 @@ class InstanceStore:
 
         An existing result with the same name is replaced (a rebuilt result).
         """
+        return self._replace(self._result_path(name), lambda staged: ds.save_as(staged, enforce_file_format=True))
+
+    def _result_path(self, name: str) -> Path:
+        """results/``name``; ValueError for a name that is not a plain file name."""
         if not _RESULT_NAME.fullmatch(name):
             raise ValueError(f"result name {name!r} must be letters, digits, '.', '_', '-'")
-        return self._replace(self.results_dir / name, lambda staged: ds.save_as(staged, enforce_file_format=True))
+        return self.results_dir / name
 
     def write_result_set(self, datasets: Sequence[pydicom.Dataset], *, name: str) -> Path:
         """Write `datasets` as the files of the folder results/``name`` (``<SOP Instance
@@ -264,9 +268,7 @@ class InstanceStore:
         files of the same name and removes any other file of the folder: it holds exactly
         this set once the call returns.
         """
-        if not _RESULT_NAME.fullmatch(name):
-            raise ValueError(f"result name {name!r} must be letters, digits, '.', '_', '-'")
-        folder = self.results_dir / name
+        folder = self._result_path(name)
         self._make_dirs(folder)
         written = set()
         for ds in datasets:

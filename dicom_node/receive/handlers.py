@@ -40,7 +40,7 @@ from dicom_node import metrics
 from dicom_node.errors import QueueUnavailable
 from dicom_node.log import describe_error, get_logger
 from dicom_node.receive.activity import ReceiveActivity
-from dicom_node.receive.spool import StorageLimits, data_set_offset, spool_refusal
+from dicom_node.receive.spool import StorageLimits, spool_of
 from dicom_node.receive.structure import (
     IMAGE_PIXEL_TAGS,
     MalformedDataset,
@@ -353,13 +353,14 @@ def _persist(event: evt.Event, store: InstanceStore, identity: InstanceIdentity)
 def _store(event: evt.Event, queue, store: InstanceStore, limits: StorageLimits) -> Dataset:
     request = event.request
     try:
-        refusal = spool_refusal(request)
-        if refusal is not None:  # dropped while it arrived (too large, or the disk filled)
-            raise InstanceRefused(StoreStatus(refusal.status), refusal.reason)
+        spool = spool_of(request)
+        # Dropped while it arrived (too large, or the disk filled)?
+        if spool is not None and spool.refusal is not None:
+            raise InstanceRefused(StoreStatus(spool.refusal.status), spool.refusal.reason)
         transfer_syntax = event.context.transfer_syntax
         identity = read_identity(
             event.dataset_path, transfer_syntax=transfer_syntax, limits=limits, store=store,
-            data_set_offset=data_set_offset(request),
+            data_set_offset=spool.data_set_offset if spool is not None else None,
         )
         check_identity(
             identity,

@@ -173,8 +173,8 @@ class PduReader:
             pdu_type, _, length = PDU_HEADER.unpack_from(buffer, start)
             if pdu_type != P_DATA_TF or length > max_length or end - start < PDU_HEADER.size + length:
                 break
-            item_length, item_context, control = PDV_ITEM_HEADER.unpack_from(buffer, start + PDU_HEADER.size)
-            if item_length + 4 != length or item_context != context_id or control & FRAGMENT_ENDS:
+            if not _one_continuing_fragment(length, PDV_ITEM_HEADER.unpack_from(buffer, start + PDU_HEADER.size),
+                                            context_id):
                 break
             spans.append((start + PDU_AND_PDV_HEADERS, start + PDU_HEADER.size + length))
             start += PDU_HEADER.size + length
@@ -232,12 +232,15 @@ def _arriving(sock: socket.socket) -> bool:
 def _continues_data_set(dul, pdu_length: int, pdv_header: bytes) -> bool:
     """Whether a P-DATA-TF PDU is one PDV holding a data set fragment of the message being
     received, and not its last (the last completes the message: pynetdicom must see it)."""
-    item_length, context_id, control = PDV_ITEM_HEADER.unpack(pdv_header)
-    return (
-        item_length + 4 == pdu_length
-        and control & FRAGMENT_ENDS == 0
-        and context_id == dul.assoc.dimse.message.context_id
-    )
+    return _one_continuing_fragment(pdu_length, PDV_ITEM_HEADER.unpack(pdv_header),
+                                    dul.assoc.dimse.message.context_id)
+
+
+def _one_continuing_fragment(pdu_length: int, pdv_item: tuple[int, int, int], context_id: int) -> bool:
+    """Whether a P-DATA-TF PDU of `pdu_length` is the single PDV `pdv_item` (its length,
+    context and control header), a data set fragment of `context_id` that is not the last."""
+    item_length, item_context, control = pdv_item
+    return item_length + 4 == pdu_length and control & FRAGMENT_ENDS == 0 and item_context == context_id
 
 
 def _read_pdu(dul, reader: PduReader, *, max_pdata_bytes: int, timeout: float) -> bytearray | None:

@@ -11,8 +11,8 @@ is decoded, before any data set byte:
 - it writes only within the limits: past node.max_dataset_megabytes, or when free disk
   space would fall under node.min_free_megabytes, the file is closed and deleted and the
   rest of the data set dropped; the handler then answers Out of Resources
-  (`spool_refusal`);
-- with fsync on, it starts the writeback of what it wrote every few MiB, so that the
+  (`SpoolFile.refusal`, found through `spool_of`);
+- with fsync on, it starts the writeback of what it wrote every MiB, so that the
   fsync before the answer has little left to write.
 
 `streaming_spool` says when a data fragment may go from the socket straight into the
@@ -211,17 +211,10 @@ def discard(name: str) -> None:
         pass
 
 
-def data_set_offset(request) -> int | None:
-    """Where the data set starts in the spool file of a C-STORE request primitive (after
-    the header SpoolFile wrote), or None if it was not spooled by a SpoolFile."""
+def spool_of(request) -> SpoolFile | None:
+    """The SpoolFile a C-STORE request primitive's data set was spooled into, if any."""
     spool = getattr(request, "_dataset_file", None)
-    return spool.data_set_offset if isinstance(spool, SpoolFile) else None
-
-
-def spool_refusal(request) -> SpoolRefusal | None:
-    """The SpoolFile's refusal for a C-STORE request primitive, if its data set was dropped."""
-    spool = getattr(request, "_dataset_file", None)
-    return spool.refusal if isinstance(spool, SpoolFile) else None
+    return spool if isinstance(spool, SpoolFile) else None
 
 
 def streaming_spool(dul) -> SpoolFile | None:
