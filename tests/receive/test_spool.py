@@ -157,7 +157,9 @@ def test_a_data_set_cut_off_in_a_streamed_fragment_leaves_nothing(node, streamed
         client.send(pdus.p_data([(1, pdus.DATASET_FRAGMENT, data[200_000:300_000])])[:cut_after])
     finally:
         client.close()
-    wait_for(lambda: not temp_files_left(node.data_dir), 10, description="the spool to be removed")
+    # Until the node has read what was sent: before it made the spool there is none to find.
+    wait_for(lambda: streamed["fragments"] >= 1 and not temp_files_left(node.data_dir), 10,
+             description="a fragment streamed, then the spool removed")
     assert stored_files(node.data_dir) == []
     assert node.queue.stats()["instances"]["total"] == 0
     assert streamed["fragments"] >= 1
