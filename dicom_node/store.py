@@ -6,6 +6,7 @@ Layout under ``data_dir`` (one filesystem, so ``os.link`` and ``os.replace`` are
     results/<name>                       a result: one file (GSPS, structured report)
     results/<name>/<name>                ... or a folder of files (a study's burned-in captures)
     results/delivered/<study uid>.json   the delivered-results ledger (see below)
+    results/delivered/.lock              held while a ledger is rewritten
     tmp/            files being written; anything left here after a crash is garbage
     tmp/<owner>/    the same, of one process (`SpoolArea`): several processes (receivers,
                     workers, on one host or several) may share data_dir
@@ -61,6 +62,11 @@ MAX_UID_LENGTH = 64
 # Result names are chosen by the node (e.g. "<uid>.dcm"); still, no separators.
 _RESULT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 LEDGER_FORMAT = "dicom-node-delivered/1"
+# results/delivered/.lock: held while a ledger is read, changed and rewritten, by the
+# thread and the process doing it (an fcntl record lock, which NFS passes to its server).
+LEDGER_LOCK_NAME = ".lock"
+# fcntl record locks belong to a process, not a thread: its threads take this one first.
+_LEDGER_THREADS = threading.Lock()
 
 
 class LedgerError(ValueError):
@@ -326,15 +332,30 @@ class InstanceStore:
             "delivered": {},
         }
         path = self.ledger_path(study_uid)
-        ledger = self._read_ledger(path) or {"format": LEDGER_FORMAT, "study_uid": study_uid, "results": []}
-        same = [e for e in ledger["results"] if e["result_sop_instance_uid"] == entry["result_sop_instance_uid"]]
-        if same:
-            entry = same[0]
-        else:
-            ledger["results"].append(entry)
-        # The first delivery's time stays; a re-send (after a lost acknowledgement) adds nothing.
-        entry["delivered"].setdefault(destination, at.astimezone(timezone.utc).isoformat())
-        return self.write_atomic(path, (json.dumps(ledger, indent=1) + "\n").encode())
+        # Two deliveries of one study may end at once, in two threads or two receivers:
+        # without the lock, one's rewrite would drop what the other had just added.
+        with self._ledgers_locked():
+            ledger = self._read_ledger(path) or {"format": LEDGER_FORMAT, "study_uid": study_uid, "results": []}
+            same = [e for e in ledger["results"] if e["result_sop_instance_uid"] == entry["result_sop_instance_uid"]]
+            if same:
+                entry = same[0]
+            else:
+                ledger["results"].append(entry)
+            # The first delivery's time stays; a re-send (after a lost acknowledgement) adds nothing.
+            entry["delivered"].setdefault(destination, at.astimezone(timezone.utc).isoformat())
+            return self.write_atomic(path, (json.dumps(ledger, indent=1) + "\n").encode())
+
+    @contextlib.contextmanager
+    def _ledgers_locked(self) -> Iterator[None]:
+        """Every ledger to this thread alone, among all processes sharing data_dir."""
+        self._make_dirs(self.ledger_dir)
+        with _LEDGER_THREADS:
+            fd = os.open(self.ledger_dir / LEDGER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # and with it the lock
 
     def delivered_results(self, study_uid: str) -> list[DeliveredResult]:
         """The study's delivered results from its ledger, oldest first; [] without one."""
@@ -427,10 +448,11 @@ class InstanceStore:
     def remove_ledger(self, study_uid: str) -> bool:
         """Delete the study's delivered-results ledger (with its study, by retention)."""
         path = self.ledger_path(study_uid)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return False
+        with self._ledgers_locked():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
         self._fsync_dir(path.parent)
         return True
 

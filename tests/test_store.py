@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -346,3 +347,50 @@ def test_a_rebuilt_database_gets_the_delivered_captures_back_from_the_ledger(sto
         assert queue.enqueue_ready_studies(stable_seconds=0) == []  # the captures covered both images
     finally:
         queue.close()
+
+
+def _record_deliveries(data_dir: str, result_paths: list[str], destination: str, start) -> None:
+    """A process of its own (a receiver's delivery runner): notes each result's delivery."""
+    store = InstanceStore(Path(data_dir))
+    start.wait(30)
+    for path in result_paths:
+        store.record_delivered(Path(path), destination)
+
+
+def test_deliveries_noted_by_several_processes_and_threads_at_once_all_stay_in_the_ledger(store):
+    # Two receivers (and each one's delivery threads) may finish deliveries of one study at the
+    # same moment; each note is a read, a change and a rewrite of the study's one ledger file,
+    # and one writer's rewrite must not drop what another just added.
+    import multiprocessing
+
+    from pydicom.uid import generate_uid as new_uid
+
+    from dicom_node.config import ReportConfig
+    from dicom_node.report.sr import build_sr
+
+    study = new_uid()
+    images = [synthetic.mammogram(study_uid=study, seed=0, rows=64, columns=48)]
+    writers = 4  # two processes, two threads in this one
+    paths = [[] for _ in range(writers)]
+    for index in range(writers * 15):
+        report = build_sr(images, {str(images[0].SOPInstanceUID): []}, report=ReportConfig(),
+                          weights_label="test", sop_instance_uid=new_uid(), series_instance_uid=new_uid(),
+                          series_number=9902, series_description="SR")
+        paths[index % writers].append(str(store.write_result(report, name=f"{report.SOPInstanceUID}.dcm")))
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    processes = [context.Process(target=_record_deliveries, args=(str(store.data_dir), paths[n], f"pacs{n}", start))
+                 for n in (0, 1)]
+    threads = [threading.Thread(target=_record_deliveries, args=(str(store.data_dir), paths[n], f"pacs{n}", start))
+               for n in (2, 3)]
+    for worker in (*processes, *threads):
+        worker.start()
+    start.set()
+    for worker in (*processes, *threads):
+        worker.join(120)
+    assert [process.exitcode for process in processes] == [0, 0]
+
+    delivered = {entry.result_path: entry.delivered for entry in store.delivered_results(study)}
+    expected = {path: f"pacs{n}" for n in range(writers) for path in paths[n]}
+    assert {path: list(where) for path, where in delivered.items()} == {
+        path: [destination] for path, destination in expected.items()}

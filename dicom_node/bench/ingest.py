@@ -7,6 +7,15 @@ fsync on), for several repetitions. Each run prints MB/s (10^6 bytes of the
 sent files per second of storescu wall time); the summary prints the median of
 each and their ratio. The node's target is at least 0.8x storescp.
 
+Each repetition also writes the same bytes to disk with no network at all, the way the
+node writes a received data set (128 KiB at a time, writeback started every MiB, then an
+fsync of each file and of its folder): the "disk" figure. storescp writes nothing to disk
+within its timing (its files stay in the page cache; the `sync` after each run writes them
+untimed), while the node answers each instance only once it is on disk: the node does the
+work of both figures, on the same CPUs, and waits for the disk at the end of every
+instance, while the sender waits for the answer. Where the disk figure is not well above
+storescp's, that, not the node's own code, is what holds the ratio down.
+
     python -m dicom_node.bench.ingest --count 8 --repeat 3
 
 With ``--senders 4``, 4 storescu processes send at once (``--count`` images each) to
@@ -188,6 +197,38 @@ def run_node(files: list[Path], data_dir: Path) -> float:
     return seconds
 
 
+DISK_CHUNK_BYTES = 128 * 1024  # what a 128 KiB PDU brings
+
+
+def run_disk(files: list[Path], output: Path) -> float:
+    """Write the files' bytes to `output` as the node writes a received data set, with no
+    network: chunks of a PDU's size, writeback started every WRITEBACK_BYTES, then the
+    file's fsync and its folder's (dicom_node.receive.spool, dicom_node.store); return the
+    seconds it took. The files are read into memory first, untimed."""
+    from dicom_node.files import fsync_directory, start_writeback
+    from dicom_node.receive.spool import WRITEBACK_BYTES
+
+    contents = [path.read_bytes() for path in files]
+    output.mkdir(parents=True)
+    start = time.perf_counter()
+    for index, content in enumerate(contents):
+        fd = os.open(output / f"{index:03d}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            written_back = 0
+            with memoryview(content) as view:
+                for offset in range(0, len(content), DISK_CHUNK_BYTES):
+                    os.write(fd, view[offset:offset + DISK_CHUNK_BYTES])
+                    end = min(offset + DISK_CHUNK_BYTES, len(content))
+                    if end - written_back >= WRITEBACK_BYTES:
+                        start_writeback(fd, written_back, end - written_back)
+                        written_back = end
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_directory(output)
+    return time.perf_counter() - start
+
+
 def _tool_version(tool: str) -> str:
     result = subprocess.run([tool, "--version"], capture_output=True, text=True)
     first = next((line for line in result.stdout.splitlines() if line.strip()), "?")
@@ -245,11 +286,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{megabytes / args.count:.1f} MB each, {megabytes:.1f} MB per run; sender "
             f"{_tool_version('storescu')}, one association per run, loopback; "
             f"{os.cpu_count()} CPUs; storescp +B, {STORESCP_MAX_PDU // 1024} KiB PDUs, TCP_NODELAY, no fsync; "
-            "node fsync on; runs interleaved"
+            "node fsync on; disk: the same bytes written and fsynced as the node does, no network; "
+            "runs interleaved"
         )
         runs: list[Run] = []
+        receivers = (("storescp", run_storescp), ("dicom-node", run_node), ("disk", run_disk))
         for repetition in range(1, args.repeat + 1):
-            for receiver, receive in (("storescp", run_storescp), ("dicom-node", run_node)):
+            for receiver, receive in receivers:
                 target = work / f"{receiver}-{repetition}"
                 seconds = receive(files, target)
                 run = Run(receiver, repetition, seconds, megabytes)
@@ -266,8 +309,12 @@ def main(argv: list[str] | None = None) -> int:
                 os.sync()
         medians = {
             receiver: statistics.median(r.mb_per_second for r in runs if r.receiver == receiver)
-            for receiver in ("storescp", "dicom-node")
+            for receiver, _ in receivers
         }
+        print(
+            f"disk: the same bytes written and fsynced, no network: median {medians['disk']:.1f} MB/s "
+            f"({medians['disk'] / medians['storescp']:.2f}x storescp)"
+        )
         ratio = medians["dicom-node"] / medians["storescp"]
         print(
             f"median storescp {medians['storescp']:.1f} MB/s, dicom-node "

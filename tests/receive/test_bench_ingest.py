@@ -7,12 +7,14 @@ import re
 from dicom_node.bench.ingest import main
 
 
-def test_bench_ingest_runs_both_receivers(tmp_path, capsys):
+def test_bench_ingest_runs_both_receivers_and_the_disk_alone(tmp_path, capsys):
     work = tmp_path / "bench"
     assert main(["--count", "2", "--rows", "64", "--cols", "48", "--repeat", "1",
                  "--work-dir", str(work)]) == 0  # fmt: skip
     output = capsys.readouterr().out
     assert re.search(r"run 1 +storescp: .* MB/s", output)
     assert re.search(r"run 1 dicom-node: .* MB/s", output)
+    assert re.search(r"run 1 +disk: .* MB/s", output)
+    assert re.search(r"disk: .* median \d+\.\d MB/s \(\d+\.\d\dx storescp\)", output)
     assert re.search(r"ratio \d+\.\d\dx", output)
     assert list(work.iterdir()) == []  # generated and received files removed
