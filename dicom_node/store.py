@@ -214,7 +214,7 @@ class InstanceStore:
         final = self.instance_path(
             study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_instance_uid
         )
-        if source.parent.resolve() != self.tmp_dir.resolve():
+        if source.parent != self.tmp_dir and source.parent.resolve() != self.tmp_dir.resolve():
             with self.temp_path() as staged:
                 shutil.copyfile(source, staged)
                 return self.persist_instance(

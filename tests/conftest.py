@@ -46,15 +46,15 @@ def _restore_logging_config():
 
 
 @pytest.fixture(autouse=True)
-def _restore_tempfile_dir():
-    # start_scp points tempfile at its data_dir/tmp (pynetdicom spools there), a
-    # process-wide setting: once the test's folder is removed (tmp_path_retention_policy),
-    # a later in-process SCP, ours or a test peer, could not spool anywhere.
+def _tempfile_dir_untouched():
+    # tempfile's folder is process-wide: the node keeps out of it (its spools are made under
+    # data_dir/tmp, dicom_node.receive.spool), so a test's SCP can never leave a later one,
+    # or a test peer, spooling into a folder already removed.
     import tempfile
 
-    saved = tempfile.tempdir
+    before = tempfile.tempdir
     yield
-    tempfile.tempdir = saved
+    assert tempfile.tempdir == before, "tempfile.tempdir was changed"
 
 
 @pytest.fixture

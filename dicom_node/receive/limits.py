@@ -35,7 +35,9 @@ import socket
 import ssl
 import struct
 import time
+from pathlib import Path
 
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.pdu_primitives import P_DATA
 
 from dicom_node import metrics
@@ -350,7 +352,7 @@ class DimseGuard:
             single = P_DATA()
             single.presentation_data_value_list = [[context_id, data]]  # pynetdicom wants lists
             self.receive(single)
-            self._wrap_new_spool()
+            self._start_spool()
             if self.dimse.msg_queue.qsize() > MAX_QUEUED_MESSAGES:
                 self._hang_up("dimse_too_many_requests", queued=self.dimse.msg_queue.qsize(),
                               limit=MAX_QUEUED_MESSAGES)
@@ -376,12 +378,14 @@ class DimseGuard:
         metrics.get().received_bytes.inc(fragment)
         return True
 
-    def _wrap_new_spool(self) -> None:
-        """Take over the spool pynetdicom has just made for a C-STORE data set (see
-        dicom_node.receive.spool), before it receives the data set's first byte."""
+    def _start_spool(self) -> None:
+        """Give the C-STORE request whose command was just decoded the file its data set will
+        be written to (see dicom_node.receive.spool), before the data set's first byte.
+
+        pynetdicom has then made the message a C_STORE_RQ; one without a data set is already
+        complete (and gone from `dimse.message`), and a message with a spool has one."""
         message = self.dimse.message
-        spool = getattr(message, "_data_set_file", None) if message is not None else None
-        if spool is None or isinstance(spool, SpoolFile):
+        if not isinstance(message, C_STORE_RQ) or message._data_set_file is not None:
             return
         association, command = self.association, message.command_set
         header = part10_header(
@@ -391,7 +395,9 @@ class DimseGuard:
             calling_ae=association.requestor.ae_title,
             called_ae=association.acceptor.ae_title,
         )
-        message._data_set_file = SpoolFile(spool, self.limits, self.store, header=header)
+        spool = SpoolFile(self.limits, self.store, header=header)
+        message._data_set_file = spool
+        message._data_set_path = Path(spool.name)
 
     def _hang_up(self, event: str, **fields) -> None:
         message = self.dimse.message

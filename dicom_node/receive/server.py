@@ -6,9 +6,7 @@ Everything that bends pynetdicom lives here, each with the reason it exists.
 from __future__ import annotations
 
 import socket
-import tempfile
 import threading
-from pathlib import Path
 
 from pydicom.uid import (
     JPEG2000,
@@ -54,7 +52,7 @@ from dicom_node.receive.handlers import (
 from dicom_node.receive.limits import DimseGuard, PduReader, read_pdu_bounded
 from dicom_node.receive.reactor import wake_association_on_work, wake_on_activity
 from dicom_node.receive.responses import answer_stores_directly
-from dicom_node.receive.spool import StorageLimits
+from dicom_node.receive.spool import StorageLimits, discard
 from dicom_node.store import InstanceStore
 from dicom_node.tls import scp_context, server_handshake
 
@@ -86,8 +84,8 @@ MAX_PDU_BYTES = MEGABYTE
 def discard_unhandled_datasets(association) -> None:
     """Delete the spool files of C-STOREs that were never handed to handle_store.
 
-    pynetdicom spools a data set to a NamedTemporaryFile(delete=False) as it arrives and
-    deletes it once the handler has run. A data set cut off by an abort, a dropped
+    A data set is spooled as it arrives (dicom_node.receive.spool) and pynetdicom deletes
+    its file once the handler has run. A data set cut off by an abort, a dropped
     connection or a release, or complete but still queued when the association ended,
     would stay on disk (patient data) until the next start. Called when the
     association's thread ends, however it ends (pynetdicom fires no event when its DUL
@@ -98,7 +96,8 @@ def discard_unhandled_datasets(association) -> None:
     spools = [getattr(dimse.message, "_data_set_file", None)]
     spools += [getattr(primitive, "_dataset_file", None) for primitive in queued]
     for spool in filter(None, spools):
-        Path(spool.name).unlink(missing_ok=True)
+        spool.close()
+        discard(spool.name)
 
 class StoreRequestHandler(RequestHandler):
     """pynetdicom's per-connection handler, adapted on the association's threads:
@@ -250,9 +249,10 @@ class ReusePortStoreServer(StoreServer):
 
 def build_ae(config: Config) -> AE:
     """The application entity with this node's presentation contexts and limits."""
-    # Spool C-STORE datasets to a file as they arrive instead of decoding them:
-    # constant memory per association and the bytes are stored as sent.
-    _config.STORE_RECV_CHUNKED_DATASET = True
+    # C-STORE data sets go to a file as they arrive, the one the instance becomes
+    # (dicom_node.receive.spool: DimseGuard makes it): constant memory per association and
+    # the bytes are stored as sent. pynetdicom's own spooling stays off (see there).
+    _config.STORE_RECV_CHUNKED_DATASET = False
     # What pydicom and pynetdicom print (reading validation, pynetdicom's loggers): done
     # at every process start, and here for an SCP started on its own (tests).
     configure_libraries()
@@ -292,10 +292,6 @@ def start_scp(config: Config, *, queue, store: InstanceStore) -> StoreServer:
         max_connections=config.node.max_connections,
         max_per_address=config.security.max_connections_per_address,
     )
-    # pynetdicom spools C-STORE data sets into tempfile's directory (it takes no other):
-    # under data_dir/tmp they are on the instances' filesystem, which the disk checks
-    # watch, and what a crash leaves there is removed by store.reconcile at the next start.
-    tempfile.tempdir = str(store.tmp_dir)
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [config, connections]),
         (evt.EVT_ESTABLISHED, log_established),

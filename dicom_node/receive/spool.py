@@ -1,10 +1,14 @@
 """Where a C-STORE data set's bytes go as they arrive: the file that becomes the instance.
 
-pynetdicom spools a C-STORE data set into a NamedTemporaryFile under the store's tmp/
-(``STORE_RECV_CHUNKED_DATASET``). `SpoolFile` takes that file over as soon as the command
-is decoded, before any data set byte:
+`SpoolFile` is made for a C-STORE request as soon as its command is decoded, before any
+data set byte (dicom_node.receive.limits.DimseGuard), under the store's tmp/ (so on the
+instances' filesystem, which the disk checks watch; what a crash leaves there is removed by
+store.reconcile at the next start). pynetdicom writes the data set's fragments to it, as it
+would to its own spool (``STORE_RECV_CHUNKED_DATASET``, which the node leaves off: that one
+is a NamedTemporaryFile in tempfile's process-wide folder, started with a File Meta that
+pydicom takes 0.2 ms to write and that is not the one we keep).
 
-- it starts the file with the Part 10 header the stored instance keeps (preamble, File
+- It starts the file with the Part 10 header the stored instance keeps (preamble, File
   Meta with the negotiated transfer syntax and the network provenance, PS3.10 7.1), so
   the complete spool file is the instance file: the handler fsyncs it and links it into
   place, with no copy;
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -112,7 +117,8 @@ def text_value(value: str) -> bytes:
 
 
 class SpoolFile:
-    """pynetdicom's spool file, restarted with our Part 10 header and written within limits.
+    """A C-STORE data set's file under the store's tmp/, started with our Part 10 header and
+    written within limits.
 
     pynetdicom calls ``write(fragment)``, ``file.flush()``, ``close()`` and reads ``name``;
     `read_pdu_bounded` calls ``write`` too. Writes go straight to the file descriptor (a
@@ -120,22 +126,21 @@ class SpoolFile:
     deleted, and every later fragment is dropped; ``refusal`` says why.
     """
 
-    def __init__(self, spool, limits: StorageLimits, store, *, header: bytes):
-        self._spool = spool
+    def __init__(self, limits: StorageLimits, store, *, header: bytes):
         self._limits = limits
         self._store = store  # dicom_node.store.InstanceStore
-        self.name = spool.name
         self.refusal: SpoolRefusal | None = None
-        spool.file.flush()
-        self._fd = spool.file.fileno()
-        # pynetdicom wrote its own File Meta, and nothing else yet (its data set fragments
-        # come after the wrap, see DimseGuard): start again with the header we keep.
-        os.ftruncate(self._fd, 0)
-        os.lseek(self._fd, 0, os.SEEK_SET)
         self.size = 0
         self._next_space_check = 0
         self._written_back = 0
         self.data_set_offset = len(header)  # where the data set as received starts
+        try:
+            self._fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=store.tmp_dir)  # 0600
+        except OSError as error:  # tmp/ gone or not writable, no inode left
+            # "" and not None: pynetdicom unlinks the name after the handler, catching OSError.
+            self._fd, self.name = None, ""
+            self._refuse(f"cannot create the spool file ({error.strerror or type(error).__name__})")
+            return
         self.write(header)
 
     @property
@@ -194,17 +199,20 @@ class SpoolFile:
         """Nothing to do: every write went to the file descriptor."""
 
     def close(self) -> None:
-        self._spool.close()
+        """Close the file (once; pynetdicom and the cleanup of an ended association may both)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _refuse(self, reason: str) -> None:
         self.refusal = SpoolRefusal(OUT_OF_RESOURCES, reason)
-        self._spool.close()
+        self.close()
         discard(self.name)
         log.warning("data_set_discarded", reason=reason, received_bytes=self.size)
 
 
 def discard(name: str) -> None:
-    """Remove a spool file that will not be kept; one already gone is no error."""
+    """Remove a spool file that will not be kept; one already gone (or never made) is no error."""
     try:
         os.unlink(name)
     except OSError:

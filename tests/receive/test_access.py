@@ -137,4 +137,4 @@ def test_build_ae_offers_mammography_classes_in_every_syntax():
     assert len(ae.supported_contexts) <= 128  # pynetdicom's limit
     assert ae.maximum_pdu_size == MAX_PDU_BYTES
     assert ae.maximum_associations == 64  # node.max_connections: ours count associations (handle_requested)
-    assert _config.STORE_RECV_CHUNKED_DATASET is True
+    assert _config.STORE_RECV_CHUNKED_DATASET is False  # the node spools data sets itself (receive.spool)

@@ -25,7 +25,6 @@ import os
 import random
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -445,7 +444,7 @@ def test_fuzzed_pdus_and_datasets_never_crash_leak_or_store_garbage(fuzz_node):
     rss_growth = rss_bytes(pid) - baseline_rss
     # tmp/ is also where the worker writes its results before renaming them: wait for it.
     wait_for(lambda: not temp_files_left(node.data_dir), 30, description="no temp file left under tmp/")
-    assert list(node.system_tmp.glob("*.dcm")) == []  # pynetdicom's spool files go to data_dir/tmp
+    assert list(node.system_tmp.glob("*.dcm")) == []  # spool files go to data_dir/tmp
 
     # Still alive and serving: C-ECHO, and a good image is stored.
     with association(node.port, [("1.2.840.10008.1.1", [ImplicitVRLittleEndian])]) as assoc:
@@ -553,10 +552,8 @@ def test_sequences_nested_32_deep_are_stored(node):
 
 
 @pytest.mark.parametrize("ending", ["abort", "hang up", "release"])
-def test_a_data_set_cut_off_leaves_no_spool_file(node, tmp_path, monkeypatch, ending):
-    spool_dir = tmp_path / "spool"
-    spool_dir.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(spool_dir))  # where pynetdicom spools
+def test_a_data_set_cut_off_leaves_no_spool_file(node, ending):
+    spool_dir = node.store.tmp_dir  # where each C-STORE's data set is spooled
     ds = small_mammogram()
     data = _encoded(ds)
     client = raw.RawClient(node.port, timeout=10)
@@ -564,13 +561,13 @@ def test_a_data_set_cut_off_leaves_no_spool_file(node, tmp_path, monkeypatch, en
     client.send(raw.p_data([(1, raw.COMMAND_LAST, raw.c_store_rq(
         message_id=1, sop_class_uid=MG, sop_instance_uid=ds.SOPInstanceUID))]))
     client.send(raw.p_data([(1, raw.DATASET_FRAGMENT, data[: len(data) // 2])]))
-    wait_for(lambda: list(spool_dir.iterdir()), 10, description="the data set being spooled")
+    wait_for(lambda: list(spool_dir.glob("*.dcm")), 10, description="the data set being spooled")
     if ending != "hang up":
         client.send(raw.abort_pdu() if ending == "abort" else raw.release_rq())
         client.read_reply()
     client.close()
     wait_for(lambda: not node.server.active_associations, 10, description="the association to end")
-    assert list(spool_dir.iterdir()) == []
+    assert list(spool_dir.glob("*.dcm")) == []
 
 
 def test_patient_data_in_odd_places_never_reaches_the_log(node, log_output):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -169,12 +169,10 @@ def test_a_data_set_cut_off_in_a_streamed_fragment_leaves_nothing(node, streamed
 
 
 def spool_file(store: InstanceStore, limits_: StorageLimits) -> SpoolFile:
-    """A SpoolFile over a real temp file under tmp/, as pynetdicom makes it."""
-    spool = tempfile.NamedTemporaryFile(dir=store.tmp_dir, delete=False, suffix=".dcm")
-    spool.write(b"\x00" * 132 + b"pynetdicom's File Meta")
+    """A SpoolFile under the store's tmp/, as DimseGuard makes it."""
     header = part10_header(sop_class_uid=hostile.MG, sop_instance_uid="2.25.1",
                            transfer_syntax=hostile.EXPLICIT_LITTLE, calling_ae="A", called_ae="B")
-    return SpoolFile(spool, limits_, store, header=header)
+    return SpoolFile(limits_, store, header=header)
 
 
 def test_the_spool_starts_with_our_header_and_keeps_every_byte(tmp_path):
@@ -207,6 +205,26 @@ def test_the_spool_never_writes_under_the_watermark(tmp_path):
     assert not os.path.exists(spool.name)
     spool.write(b"dropped")  # later fragments are dropped, not written
     assert not os.path.exists(spool.name)
+
+
+def test_a_spool_that_cannot_be_made_refuses_the_data_set_and_drops_its_bytes(tmp_path):
+    store = InstanceStore(tmp_path / "data")
+    store.tmp_dir.rmdir()  # removed under the running node (or made unwritable)
+    spool = spool_file(store, StorageLimits(max_dataset_bytes=64 * MIB, keep_free_bytes=0))
+    assert spool.refusal.status == OUT_OF_RESOURCES
+    assert spool.refusal.reason == "cannot create the spool file (No such file or directory)"
+    spool.write(b"dropped")
+    spool.close()
+    assert spool.name == "" and not store.tmp_dir.exists()
+
+
+def test_the_spool_is_readable_by_the_node_s_user_only(tmp_path):
+    store = InstanceStore(tmp_path / "data")
+    spool = spool_file(store, StorageLimits(max_dataset_bytes=64 * MIB, keep_free_bytes=0))
+    assert Path(spool.name).parent == store.tmp_dir
+    assert os.stat(spool.name).st_mode & 0o777 == 0o600  # patient data
+    spool.close()
+    spool.close()  # pynetdicom and the end of an association may both close it
 
 
 def test_a_failed_write_refuses_the_data_set(tmp_path, monkeypatch):
