@@ -52,6 +52,7 @@ def _tempfile_dir_untouched():
     # or a test peer, spooling into a folder already removed.
     import tempfile
 
+    tempfile.gettempdir()  # sets tempfile.tempdir the first time it is called, by design
     before = tempfile.tempdir
     yield
     assert tempfile.tempdir == before, "tempfile.tempdir was changed"

@@ -347,6 +347,11 @@ class DimseGuard:
 
     def __call__(self, primitive: P_DATA) -> None:
         for context_id, data in primitive.presentation_data_value_list:
+            if context_id not in self.association._accepted_cx:
+                # PS3.8 9.3.5.1: a PDV names an accepted presentation context; pynetdicom
+                # would fail on it with a KeyError in the middle of decoding.
+                self._hang_up("pdv_context_not_accepted", context_id=context_id)
+                return
             if not self._admit(data):
                 return
             single = P_DATA()

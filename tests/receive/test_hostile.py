@@ -169,6 +169,29 @@ def test_data_set_bytes_before_their_command_end_the_association(node, command_s
     assert logged(node, "dimse_data_before_command", calling_ae=f"BEFORE{command_sent}")["peer"] == "127.0.0.1"
 
 
+@pytest.mark.parametrize("part", ["command", "data set"])
+def test_a_message_on_a_context_never_accepted_ends_the_association_with_its_reason(node, part):
+    # PS3.8 9.3.5.1: each PDV names an accepted presentation context (odd numbers, from
+    # the A-ASSOCIATE-AC); pynetdicom itself failed on any other with a KeyError.
+    command = pdus.c_store_rq(message_id=1, sop_class_uid=hostile.MG, sop_instance_uid="2.25.7")
+    calling = "NOCONTEXT" if part == "command" else "NOCONTEXTDATA"
+    client = pdus.RawClient(node.port, timeout=10)
+    try:
+        client.send(pdus.associate_rq(called=NODE_AE, calling=calling, contexts=hostile.CONTEXTS))
+        assert client.read_reply().pdu_types == [pdus.ASSOCIATE_AC]
+        if part == "command":
+            client.send(pdus.p_data([(99, pdus.COMMAND_LAST, command)]))
+        else:
+            client.send(pdus.p_data([(1, pdus.COMMAND_LAST, command)]))
+            client.send(pdus.p_data([(99, pdus.DATASET_LAST, bytes(1000))]))
+        reply = client.read_reply(until=(pdus.ABORT,))
+        assert pdus.ABORT in reply.pdu_types or reply.closed
+    finally:
+        client.close()
+    assert logged(node, "pdv_context_not_accepted", calling_ae=calling)["context_id"] == 99
+    wait_for(lambda: not temp_files_left(node.data_dir), 10, description="no spool left")
+
+
 def test_requests_piling_up_unanswered_end_the_association(node):
     """No asynchronous operations are negotiated (PS3.7 D.3.3.3): one request at a time."""
     client = pdus.RawClient(node.port, timeout=10)
