@@ -25,6 +25,7 @@ spool (dicom_node.receive.limits.read_pdu_bounded), skipping pynetdicom's per-PD
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import tempfile
@@ -134,6 +135,7 @@ class SpoolFile:
         self._next_space_check = 0
         self._written_back = 0
         self.data_set_offset = len(header)  # where the data set as received starts
+        self._file: io.FileIO | None = None  # closes the descriptor if the object is dropped unclosed
         try:
             self._fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=store.tmp_dir)  # 0600
         except OSError as error:  # tmp/ gone or not writable, no inode left
@@ -141,6 +143,7 @@ class SpoolFile:
             self._fd, self.name = None, ""
             self._refuse(f"cannot create the spool file ({error.strerror or type(error).__name__})")
             return
+        self._file = io.FileIO(self._fd, "wb", closefd=True)
         self.write(header)
 
     @property
@@ -200,9 +203,9 @@ class SpoolFile:
 
     def close(self) -> None:
         """Close the file (once; pynetdicom and the cleanup of an ended association may both)."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+        self._fd = None
+        if self._file is not None:
+            self._file.close()
 
     def _refuse(self, reason: str) -> None:
         self.refusal = SpoolRefusal(OUT_OF_RESOURCES, reason)

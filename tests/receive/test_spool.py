@@ -227,6 +227,22 @@ def test_the_spool_is_readable_by_the_node_s_user_only(tmp_path):
     spool.close()  # pynetdicom and the end of an association may both close it
 
 
+def test_a_spool_dropped_unclosed_releases_its_descriptor(tmp_path):
+    import gc
+    import warnings
+
+    store = InstanceStore(tmp_path / "data")
+    spool = spool_file(store, StorageLimits(max_dataset_bytes=64 * MIB, keep_free_bytes=0))
+    descriptor = spool._fd
+    assert os.path.samefile(f"/proc/self/fd/{descriptor}", spool.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # the unclosed file is the point here
+        del spool
+        gc.collect()
+    assert not os.path.exists(f"/proc/self/fd/{descriptor}") or not os.path.samefile(
+        f"/proc/self/fd/{descriptor}", next(store.tmp_dir.glob("*.dcm")))
+
+
 def test_a_failed_write_refuses_the_data_set(tmp_path, monkeypatch):
     store = InstanceStore(tmp_path / "data")
     spool = spool_file(store, StorageLimits(max_dataset_bytes=64 * MIB, keep_free_bytes=0))
