@@ -14,9 +14,10 @@ dripping in byte by byte never times out. Here, per association:
   command set over MAX_COMMAND_SET_BYTES, data set bytes before their command (PS3.7 E.2
   forbids it), a data set kept in memory (any message but a C-STORE) over
   MAX_COMMAND_SET_BYTES, or more than MAX_QUEUED_MESSAGES requests waiting for answers
-  (we negotiate no asynchronous operations: PS3.7 D.3.3.3) end the association.
-- the file pynetdicom spools a C-STORE data set into is taken over by a `SpoolFile`
-  (dicom_node.receive.spool), which stops writing once the data set passes
+  (we negotiate no asynchronous operations: PS3.7 D.3.3.3) end the association, and so
+  does a PDV on a presentation context that was never accepted (PS3.8 9.3.5.1).
+- each C-STORE data set goes to a `SpoolFile` (dicom_node.receive.spool) that DimseGuard
+  makes as soon as the command is decoded; it stops writing once the data set passes
   node.max_dataset_megabytes or free disk space would fall under node.min_free_megabytes.
 
 A data set's fragments are most of what a mammography sender sends. `read_pdu_bounded`
