@@ -28,7 +28,19 @@ from collections.abc import Callable
 IDLE_WAIT_SECONDS = 0.01
 
 
-class SignallingQueue(queue.Queue):
+class AnnouncingQueue(queue.Queue):
+    """A queue whose put() then calls `announce()`: the thread waiting for work wakes."""
+
+    def __init__(self, announce: Callable[[], object]) -> None:
+        super().__init__()
+        self._announce = announce
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._announce()
+
+
+class SignallingQueue(AnnouncingQueue):
     """A queue whose put() also makes an eventfd readable, for select().
 
     `close()` releases the eventfd (so does garbage collection, as a safety net); a put()
@@ -36,14 +48,10 @@ class SignallingQueue(queue.Queue):
     """
 
     def __init__(self) -> None:
-        super().__init__()
         self._signal = _EventFd()
+        super().__init__(self._signal.write)
         # An association that never ran (it failed to start) never calls close().
         weakref.finalize(self, self._signal.close)
-
-    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
-        self._signal.write()
 
     def wait(self, sock, timeout: float) -> None:
         """Until `sock` (if any) is readable, something is put, or `timeout` passes."""
@@ -118,18 +126,6 @@ def wake_on_activity(dul, *, unread: Callable[[], int]) -> SignallingQueue:
     return outgoing
 
 
-class _NotifyingQueue(queue.Queue):
-    """A queue whose put() sets an Event."""
-
-    def __init__(self, activity: threading.Event) -> None:
-        super().__init__()
-        self._activity = activity
-
-    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
-        self._activity.set()
-
-
 class _WorkCheckpoint(threading.Event):
     """pynetdicom's reactor checkpoint (an Event that is set while the association's reactor
     may run, cleared to pause it) whose wait, while set, also lasts until there is work:
@@ -166,8 +162,8 @@ def wake_association_on_work(association) -> None:
     """
     activity = threading.Event()
     dimse, dul = association.dimse, association.dul
-    dimse.msg_queue = _NotifyingQueue(activity)
-    dul.to_user_queue = _NotifyingQueue(activity)
+    dimse.msg_queue = AnnouncingQueue(activity.set)
+    dul.to_user_queue = AnnouncingQueue(activity.set)
     checkpoint = _WorkCheckpoint(
         activity,
         ready=lambda: (not dimse.msg_queue.empty() or not dul.to_user_queue.empty()
