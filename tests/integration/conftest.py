@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from .dcmtk import StoreSCP
+from .fault_node import FaultNode, write_node_config
 from .orthanc import DEFAULT_AE_TITLE, OrthancServer, orthanc_binary
 
 _PEERS = pytest.StashKey[list]()
@@ -111,3 +112,23 @@ def storescp_factory(tmp_path, request) -> Iterator[Callable[..., StoreSCP]]:
 def storescp(storescp_factory) -> StoreSCP:
     """A running dcmtk storescp (AE title STORESCP) writing what it receives."""
     return storescp_factory()
+
+
+@pytest.fixture
+def fault_nodes(tmp_path):
+    """Start FaultNodes: ``fault_nodes("name", **config sections)``; each must exit 0 on SIGTERM."""
+    started: list[FaultNode] = []
+
+    def start(name: str = "node", *, destinations: Sequence[dict] = (), **sections: dict) -> FaultNode:
+        config = tmp_path / name / "node.toml"
+        if not config.exists():  # the same name again: a restart on the same data_dir
+            write_node_config(tmp_path / name, destinations=destinations, **sections)
+        node = FaultNode(config)
+        started.append(node)
+        return node.start()
+
+    yield start
+    for node in started:
+        status = node.stop()
+        print(node.process.output())  # shown by pytest when the test failed
+        assert status == 0, "dicom-node did not exit 0 on SIGTERM"

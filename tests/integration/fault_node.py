@@ -12,8 +12,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
 from dicom_node.config import load_config
 from dicom_node.queue import Job, Queue
 
@@ -99,23 +97,3 @@ class FaultNode:
     def stop(self) -> int:
         self.queue.close()
         return self.process.stop()
-
-
-@pytest.fixture
-def fault_nodes(tmp_path):
-    """Start FaultNodes: ``fault_nodes("name", **config sections)``; each must exit 0 on SIGTERM."""
-    started: list[FaultNode] = []
-
-    def start(name: str = "node", *, destinations: Sequence[dict] = (), **sections: dict) -> FaultNode:
-        config = tmp_path / name / "node.toml"
-        if not config.exists():  # the same name again: a restart on the same data_dir
-            write_node_config(tmp_path / name, destinations=destinations, **sections)
-        node = FaultNode(config)
-        started.append(node)
-        return node.start()
-
-    yield start
-    for node in started:
-        status = node.stop()
-        print(node.process.output())  # shown by pytest when the test failed
-        assert status == 0, "dicom-node did not exit 0 on SIGTERM"

@@ -29,7 +29,7 @@ from tests import synthetic
 from tests.sqlite_faults import WriteLock
 
 from .dcmtk import storescu
-from .fault_node import NODE_AE, FaultNode, fault_nodes, write_node_config  # noqa: F401 (fixture)
+from .fault_node import NODE_AE, FaultNode, write_node_config
 from .gsps_read import GSPS_SOP_CLASS, referenced_images
 from .process import wait_for
 

@@ -21,7 +21,7 @@ from dicom_node.store import InstanceStore
 from tests import synthetic
 
 from .dcmtk import storescu
-from .fault_node import NODE_AE, FaultNode, fault_nodes  # noqa: F401 (fixture)
+from .fault_node import NODE_AE, FaultNode
 from .process import temp_files_left
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,6 @@ from dicom_node.queue import Queue, State
 from tests import synthetic
 
 from .dcmtk import storescu
-from .fault_node import fault_nodes  # noqa: F401 (fixture)
 from .gsps_read import referenced_images
 from .process import wait_for
 from .test_node_roundtrip import RELATIVE_BOX, fixed_boxes_file, start_node, wait_for_gsps

@@ -23,7 +23,7 @@ from tests import synthetic
 from tests.dciodvfy import assert_dciodvfy_clean
 
 from .dcmtk import storescu
-from .fault_node import NODE_AE, FaultNode, fault_nodes  # noqa: F401 (fixture)
+from .fault_node import NODE_AE, FaultNode
 from .gsps_read import GSPS_SOP_CLASS, referenced_images
 from .process import free_ports, wait_for
 

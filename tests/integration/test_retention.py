@@ -22,7 +22,7 @@ import pytest
 from tests import synthetic
 
 from .dcmtk import storescu
-from .fault_node import CLI_TIMEOUT_SECONDS, NODE_AE, FaultNode, fault_nodes  # noqa: F401 (fixture)
+from .fault_node import CLI_TIMEOUT_SECONDS, NODE_AE, FaultNode
 from .process import free_ports, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
