@@ -315,6 +315,14 @@ def main(argv: list[str] | None = None) -> int:
             f"disk: the same bytes written and fsynced, no network: median {medians['disk']:.1f} MB/s "
             f"({medians['disk'] / medians['storescp']:.2f}x storescp)"
         )
+        # Each round's own ratio (its two runs follow each other): how much the machine moved.
+        per_round = [
+            node.mb_per_second / scp.mb_per_second
+            for scp, node in zip(
+                (r for r in runs if r.receiver == "storescp"), (r for r in runs if r.receiver == "dicom-node")
+            )
+        ]
+        print("ratio in each round: " + ", ".join(f"{value:.2f}x" for value in per_round))
         ratio = medians["dicom-node"] / medians["storescp"]
         print(
             f"median storescp {medians['storescp']:.1f} MB/s, dicom-node "

@@ -16,5 +16,6 @@ def test_bench_ingest_runs_both_receivers_and_the_disk_alone(tmp_path, capsys):
     assert re.search(r"run 1 dicom-node: .* MB/s", output)
     assert re.search(r"run 1 +disk: .* MB/s", output)
     assert re.search(r"disk: .* median \d+\.\d MB/s \(\d+\.\d\dx storescp\)", output)
+    assert re.search(r"ratio in each round: \d+\.\d\dx\n", output)
     assert re.search(r"ratio \d+\.\d\dx", output)
     assert list(work.iterdir()) == []  # generated and received files removed
