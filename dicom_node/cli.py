@@ -200,10 +200,10 @@ def cmd_echo(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    """Offline: the node's pipeline on files, GSPS written to --out (one per study)."""
+    """Offline: the node's pipeline on files, each study's results (--outputs) written to --out."""
     import pydicom
 
-    from dicom_node.analyse.worker import report_study
+    from dicom_node.analyse.worker import offline_results
     from dicom_node.model.detector import load_detector
 
     config = _load(args)
@@ -219,12 +219,27 @@ def cmd_analyze(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for study_uid, paths in studies.items():
-        gsps, analysis = report_study(paths, detector, config)
-        target = out / f"{gsps.SOPInstanceUID}.dcm"
-        gsps.save_as(target, enforce_file_format=True)
-        print(f"{target}: study {study_uid}: {len(analysis.images)} image(s), "
-              f"{len(analysis.skipped)} skipped, {analysis.detection_count} mass(es) marked")
+        results, analysis = offline_results(paths, detector, config, outputs=args.outputs)
+        for result in results:
+            target = out / f"{result.SOPInstanceUID}.dcm"
+            result.save_as(target, enforce_file_format=True)
+            print(f"{target}: {result.SOPClassUID.name}, study {study_uid}: {len(analysis.images)} image(s), "
+                  f"{len(analysis.skipped)} skipped, {analysis.detection_count} mass(es) marked")
     return 0
+
+
+def _outputs(text: str) -> list[str]:
+    """`--outputs gsps,sr,sc`: which results `analyze` writes (names as in [[destinations]] outputs)."""
+    from typing import get_args
+
+    from dicom_node.config import Output
+
+    known = get_args(Output)
+    outputs = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in outputs if name not in known]
+    if unknown or not outputs:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more of {', '.join(known)}, separated by commas")
+    return outputs
 
 
 def cmd_phantom(args) -> int:
@@ -346,9 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--destination", help="only this destination (by name)")
     echo.set_defaults(func=cmd_echo)
 
-    analyze = with_config(sub.add_parser("analyze", help="offline: analyse files, write GSPS files"))
+    analyze = with_config(sub.add_parser("analyze", help="offline: analyse files, write their results"))
     analyze.add_argument("files", nargs="+")
     analyze.add_argument("--out", required=True)
+    analyze.add_argument("--outputs", type=_outputs, default=["gsps"], metavar="gsps,sr,sc",
+                         help="which results to write: GSPS, structured report, burned-in captures (default gsps)")
     analyze.add_argument("--device")
     analyze.set_defaults(func=cmd_analyze)
 

@@ -183,6 +183,20 @@ def report_study(
     return gsps, analysis
 
 
+def offline_results(paths, detector, config: Config, *, outputs) -> tuple[list[pydicom.Dataset], StudyAnalysis]:
+    """`dicom-node analyze`: one study's files through the node's pipeline, and the objects
+    of the wanted `outputs` ("gsps", "sr", "sc": the GSPS, the structured report, the
+    captures), all under one new analysis key, as one job's are."""
+    analysis_key = new_analysis_key()
+    gsps, analysis = report_study(paths, detector, config, analysis_key=analysis_key)
+    results = [gsps] if "gsps" in outputs else []
+    if "sr" in outputs:
+        results.append(structured_report(analysis, detector, config, analysis_key=analysis_key))
+    if "sc" in outputs:
+        results.extend(captures(analysis, detector, config, analysis_key=analysis_key))
+    return results, analysis
+
+
 @dataclass(frozen=True)
 class PreviousResults:
     """A study's earlier results that a job of a later generation replaces (`previous_results`):

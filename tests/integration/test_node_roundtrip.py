@@ -255,3 +255,42 @@ def test_offline_analyze_writes_a_valid_gsps(tmp_path):
     assert_dciodvfy_clean(written)
     gsps = pydicom.dcmread(written)
     assert referenced_images(gsps) == {pydicom.dcmread(f).SOPInstanceUID for f in files}
+
+
+
+def test_offline_analyze_writes_every_output_asked_for_each_valid(tmp_path):
+    boxes = fixed_boxes_file(tmp_path, [RELATIVE_BOX])
+    config = write_config(tmp_path / "node.toml", {"detector": {"architecture": "fixed_boxes",
+                                                                 "weights": str(boxes)}})
+    files = synthetic.study(tmp_path / "study", n_images=2)
+    images = {pydicom.dcmread(f).SOPInstanceUID for f in files}
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "analyze", *map(str, files), "--out", str(tmp_path / "out"),
+         "--outputs", "gsps,sr,sc", "--config", str(config)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    written = sorted((tmp_path / "out").glob("*.dcm"))
+    results = [pydicom.dcmread(path) for path in written]
+    kinds = sorted(str(ds.SOPClassUID.name) for ds in results)
+    assert kinds == sorted(["Grayscale Softcopy Presentation State Storage", "Comprehensive 3D SR Storage",
+                            "Secondary Capture Image Storage", "Secondary Capture Image Storage"]), kinds
+    for path in written:
+        assert_dciodvfy_clean(path)
+    # One analysis: every object belongs to the study, and the captures are one per image.
+    assert {str(ds.StudyInstanceUID) for ds in results} == {str(pydicom.dcmread(files[0]).StudyInstanceUID)}
+    captured = {str(item.ReferencedSOPInstanceUID) for ds in results if "SourceImageSequence" in ds
+                for item in ds.SourceImageSequence}
+    assert captured == {str(uid) for uid in images}
+    assert len(result.stdout.splitlines()) == 4
+
+
+def test_offline_analyze_names_the_outputs_it_knows_when_given_another(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "analyze", "x.dcm", "--out", str(tmp_path / "out"),
+         "--outputs", "gsps,pdf"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--outputs: 'gsps,pdf': give one or more of gsps, sr, sc" in result.stderr
+    assert "Traceback" not in result.stderr
