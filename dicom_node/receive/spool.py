@@ -177,8 +177,9 @@ class SpoolFile:
             self._written_back = self.size
 
     def _admit(self, count: int) -> bool:
-        """Whether `count` more bytes stay within the limits; refuses the data set if not."""
-        if self.refusal is not None:
+        """Whether `count` more bytes stay within the limits; refuses the data set if not.
+        Nothing more is written once the file is closed (a hang-up closes it)."""
+        if self.refusal is not None or self._fd is None:
             return False
         self.size += count
         limits = self._limits

@@ -225,6 +225,8 @@ def test_the_spool_is_readable_by_the_node_s_user_only(tmp_path):
     assert os.stat(spool.name).st_mode & 0o777 == 0o600  # patient data
     spool.close()
     spool.close()  # pynetdicom and the end of an association may both close it
+    spool.write(b"late")  # a fragment after a hang-up closed it: dropped, no error
+    assert os.path.getsize(spool.name) == spool.data_set_offset
 
 
 def test_a_spool_dropped_unclosed_releases_its_descriptor(tmp_path):
