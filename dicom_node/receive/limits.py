@@ -43,7 +43,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from dicom_node import metrics
 from dicom_node.log import get_logger
-from dicom_node.receive.spool import SpoolFile, StorageLimits, discard, part10_header, streaming_spool
+from dicom_node.receive.spool import SpoolFile, StorageLimits, part10_header, streaming_spool
 
 log = get_logger("dicom_node.receive")
 
@@ -409,6 +409,5 @@ class DimseGuard:
         message = self.dimse.message
         spool = getattr(message, "_data_set_file", None) if message is not None else None
         if spool is not None:
-            spool.close()
-            discard(spool.name)
+            spool.discard()
         hang_up(self.association.dul, event, **fields)

@@ -52,7 +52,7 @@ from dicom_node.receive.handlers import (
 from dicom_node.receive.limits import DimseGuard, PduReader, read_pdu_bounded
 from dicom_node.receive.reactor import wake_association_on_work, wake_on_activity
 from dicom_node.receive.responses import answer_stores_directly
-from dicom_node.receive.spool import StorageLimits, discard
+from dicom_node.receive.spool import StorageLimits
 from dicom_node.store import InstanceStore
 from dicom_node.tls import scp_context, server_handshake
 
@@ -96,8 +96,7 @@ def discard_unhandled_datasets(association) -> None:
     spools = [getattr(dimse.message, "_data_set_file", None)]
     spools += [getattr(primitive, "_dataset_file", None) for primitive in queued]
     for spool in filter(None, spools):
-        spool.close()
-        discard(spool.name)
+        spool.discard()
 
 class StoreRequestHandler(RequestHandler):
     """pynetdicom's per-connection handler, adapted on the association's threads:

@@ -208,19 +208,19 @@ class SpoolFile:
         if self._file is not None:
             self._file.close()
 
+    def discard(self) -> None:
+        """Close and remove the file: its data set will not be kept (refused, cut off, never
+        handled). A file already gone, or never made, is no error."""
+        self.close()
+        try:
+            os.unlink(self.name)
+        except OSError:
+            pass
+
     def _refuse(self, reason: str) -> None:
         self.refusal = SpoolRefusal(OUT_OF_RESOURCES, reason)
-        self.close()
-        discard(self.name)
+        self.discard()
         log.warning("data_set_discarded", reason=reason, received_bytes=self.size)
-
-
-def discard(name: str) -> None:
-    """Remove a spool file that will not be kept; one already gone (or never made) is no error."""
-    try:
-        os.unlink(name)
-    except OSError:
-        pass
 
 
 def spool_of(request) -> SpoolFile | None:
