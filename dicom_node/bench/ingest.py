@@ -7,9 +7,9 @@ fsync on), for several repetitions. Each run prints MB/s (10^6 bytes of the
 sent files per second of storescu wall time); the summary prints the median of
 each and their ratio. The node's target is at least 0.8x storescp.
 
-Each repetition also writes the same bytes to disk with no network at all, the way the
-node writes a received data set (128 KiB at a time, writeback started every MiB, then an
-fsync of each file and of its folder): the "disk" figure. storescp writes nothing to disk
+Each repetition also writes the same bytes to disk with no network at all, with the
+node's own writer and store (128 KiB at a time into a SpoolFile, writeback started every
+MiB, then the fsync, the link into place and the fsync of its folder): the "disk" figure. storescp writes nothing to disk
 within its timing (its files stay in the page cache; the `sync` after each run writes them
 untimed), while the node answers each instance only once it is on disk: the node does the
 work of both figures, on the same CPUs, and waits for the disk at the end of every
@@ -201,31 +201,27 @@ DISK_CHUNK_BYTES = 128 * 1024  # what a 128 KiB PDU brings
 
 
 def run_disk(files: list[Path], output: Path) -> float:
-    """Write the files' bytes to `output` as the node writes a received data set, with no
-    network: chunks of a PDU's size, writeback started every WRITEBACK_BYTES, then the
-    file's fsync and its folder's (dicom_node.receive.spool, dicom_node.store); return the
-    seconds it took. The files are read into memory first, untimed."""
-    from dicom_node.files import fsync_directory, start_writeback
-    from dicom_node.receive.spool import WRITEBACK_BYTES
+    """Write the files' bytes under `output` with the node's own writer and store, with no
+    network: a SpoolFile fed chunks of a PDU's size (writeback every MiB, free space checked),
+    then InstanceStore.persist_instance (fsync, link into place, fsync of the folder); return
+    the seconds it took. The files are read into memory first, untimed."""
+    from dicom_node.receive.spool import SpoolFile, StorageLimits
+    from dicom_node.store import InstanceStore
 
     contents = [path.read_bytes() for path in files]
-    output.mkdir(parents=True)
+    store = InstanceStore(output, fsync=True)
+    limits = StorageLimits(max_dataset_bytes=max(map(len, contents)), keep_free_bytes=0)
     start = time.perf_counter()
     for index, content in enumerate(contents):
-        fd = os.open(output / f"{index:03d}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            written_back = 0
-            with memoryview(content) as view:
-                for offset in range(0, len(content), DISK_CHUNK_BYTES):
-                    os.write(fd, view[offset:offset + DISK_CHUNK_BYTES])
-                    end = min(offset + DISK_CHUNK_BYTES, len(content))
-                    if end - written_back >= WRITEBACK_BYTES:
-                        start_writeback(fd, written_back, end - written_back)
-                        written_back = end
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_directory(output)
+        spool = SpoolFile(limits, store, header=b"")  # the files carry their own header
+        with memoryview(content) as view:
+            for offset in range(0, len(content), DISK_CHUNK_BYTES):
+                spool.write(view[offset:offset + DISK_CHUNK_BYTES])
+        spool.close()
+        if spool.refusal is not None:
+            raise RuntimeError(f"disk run: {spool.refusal.reason}")
+        store.persist_instance(Path(spool.name), study_uid="2.25.1", series_uid="2.25.2",
+                               sop_instance_uid=f"2.25.{index + 3}")
     return time.perf_counter() - start
 
 
