@@ -50,7 +50,7 @@ from dicom_node.receive.handlers import (
     log_released,
 )
 from dicom_node.receive.limits import DimseGuard, PduReader, read_pdu_bounded
-from dicom_node.receive.reactor import wake_association_on_work, wake_on_activity
+from dicom_node.receive.reactor import serve_stores_in_dul_thread, wake_association_on_work, wake_on_activity
 from dicom_node.receive.responses import answer_stores_directly
 from dicom_node.receive.spool import StorageLimits
 from dicom_node.store import InstanceStore
@@ -294,6 +294,7 @@ def start_scp(config: Config, *, queue, store: InstanceStore) -> StoreServer:
     handlers = [
         (evt.EVT_REQUESTED, handle_requested, [config, connections]),
         (evt.EVT_ESTABLISHED, log_established),
+        (evt.EVT_ESTABLISHED, serve_stores_in_dul_thread),
         (evt.EVT_RELEASED, log_released),
         (evt.EVT_ABORTED, log_aborted),
         (evt.EVT_C_STORE, handle_store, [queue, store, limits, activity]),

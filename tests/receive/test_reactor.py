@@ -1,16 +1,21 @@
 """The DUL thread waits on its socket and on an eventfd its outgoing queue signals: the wait
-ends when something is queued, and no association leaves a file descriptor behind."""
+ends when something is queued, and no association leaves a file descriptor behind. A
+C-STORE request is served by the thread that decoded it, in the association's log context."""
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import os
 import threading
 import time
 
-from dicom_node.receive.reactor import SignallingQueue
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+from dicom_node.receive import handlers
+from dicom_node.receive.reactor import ServingQueue, SignallingQueue
 from tests.integration.process import wait_for
-from tests.receive.helpers import echoscu
+from tests.receive.helpers import echoscu, make_encoded, stored_files, storescu
 
 
 def open_eventfds() -> int:
@@ -62,3 +67,78 @@ def test_associations_leave_no_file_descriptor_behind(node):
         assert echoscu(node.port).returncode == 0
     wait_for(lambda: not node.server.active_associations, 10, description="the associations to end")
     assert open_eventfds() <= before
+
+
+LOG_FIELD = contextvars.ContextVar("log_field", default=None)
+
+
+class RecordingAssociation:
+    """What ServingQueue uses of a pynetdicom Association: whether it is established, and
+    `_serve_request`, which records the request with its thread and log field."""
+
+    def __init__(self) -> None:
+        self.is_established = True
+        self.served: list[tuple[object, int, str, object]] = []
+
+    def _serve_request(self, primitive, context_id: int) -> None:
+        self.served.append((primitive, context_id, threading.current_thread().name, LOG_FIELD.get()))
+
+
+def put_from_thread(queue: ServingQueue, item, name: str) -> None:
+    thread = threading.Thread(target=queue.put, args=(item,), name=name)
+    thread.start()
+    thread.join(30)
+
+
+def serve_in_association_thread(queue: ServingQueue) -> None:
+    """As the association's thread does once established, with its log field bound."""
+
+    def establish() -> None:
+        LOG_FIELD.set("a7")
+        queue.serve_with_this_context()
+
+    thread = threading.Thread(target=establish)
+    thread.start()
+    thread.join(30)
+
+
+def test_a_c_store_request_is_served_by_the_putting_thread_with_the_associations_log_context():
+    association, announced = RecordingAssociation(), []
+    queue = ServingQueue(association, lambda: announced.append(True))
+    serve_in_association_thread(queue)
+    store = C_STORE()
+    put_from_thread(queue, (1, store), "dul")
+    assert association.served == [(store, 1, "dul", "a7")]
+    assert queue.empty() and not announced
+    assert LOG_FIELD.get() is None  # this thread's own context is untouched
+
+
+def test_requests_go_to_the_association_thread_until_it_is_established_or_behind_others():
+    association, announced = RecordingAssociation(), []
+    queue = ServingQueue(association, lambda: announced.append(True))
+    early, echo, behind, after_release = C_STORE(), C_ECHO(), C_STORE(), C_STORE()
+    put_from_thread(queue, (1, early), "dul")  # before EVT_ESTABLISHED: no log context yet
+    serve_in_association_thread(queue)
+    put_from_thread(queue, (3, echo), "dul")  # not a C-STORE
+    put_from_thread(queue, (1, behind), "dul")  # others wait before it: their order is kept
+    queue.get_nowait(), queue.get_nowait(), queue.get_nowait()
+    association.is_established = False
+    put_from_thread(queue, (1, after_release), "dul")
+    assert association.served == []
+    assert queue.get_nowait() == (1, after_release)
+    assert len(announced) == 4  # each one queued woke the association's thread
+
+
+def test_a_node_serves_each_c_store_in_the_dul_thread_that_decoded_it(node, tmp_path, monkeypatch):
+    serving_threads = []
+    store = handlers._store
+
+    def recording_store(event, *args):
+        serving_threads.append(threading.current_thread() is event.assoc.dul)
+        return store(event, *args)
+
+    monkeypatch.setattr(handlers, "_store", recording_store)
+    files = [make_encoded(tmp_path / str(index), "explicit-little") for index in range(3)]
+    assert storescu(node.port, *files).returncode == 0
+    assert len(stored_files(node.data_dir)) == 3
+    assert serving_threads == [True, True, True]
