@@ -25,6 +25,7 @@ nothing else to read.
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
 import queue
 import select
@@ -33,6 +34,8 @@ import weakref
 from collections.abc import Callable
 
 from pynetdicom.dimse_primitives import C_STORE
+
+from dicom_node.receive.responses import serve_c_store
 
 IDLE_WAIT_SECONDS = 0.01
 
@@ -51,13 +54,16 @@ class AnnouncingQueue(queue.Queue):
 
 class ServingQueue(AnnouncingQueue):
     """An association's queue of decoded DIMSE requests (``dimse.msg_queue``), whose put()
-    serves a C-STORE request at once, in the putting (DUL) thread, when nothing waits
-    before it and the association's log context is known; anything else is queued for the
-    association's thread, as pynetdicom does."""
+    serves a C-STORE request at once, in the putting (DUL) thread, with `serve(request,
+    context_id)`, when nothing waits before it, `can_serve()` (the association is
+    established) and the association's log context is known; anything else is queued for
+    the association's thread, as pynetdicom does."""
 
-    def __init__(self, association, announce: Callable[[], object]) -> None:
+    def __init__(self, announce: Callable[[], object], *, serve: Callable[[C_STORE, int], None],
+                 can_serve: Callable[[], bool]) -> None:
         super().__init__(announce)
-        self._association = association
+        self._serve = serve
+        self._can_serve = can_serve
         self._context: contextvars.Context | None = None
 
     def serve_with_this_context(self) -> None:
@@ -67,10 +73,8 @@ class ServingQueue(AnnouncingQueue):
 
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
         context_id, primitive = item
-        association = self._association
-        if (self._context is not None and isinstance(primitive, C_STORE) and self.empty()
-                and association.is_established):
-            self._context.run(association._serve_request, primitive, context_id)
+        if self._context is not None and isinstance(primitive, C_STORE) and self.empty() and self._can_serve():
+            self._context.run(self._serve, primitive, context_id)
             return
         super().put(item, block, timeout)
 
@@ -208,7 +212,10 @@ def wake_association_on_work(association) -> None:
     """
     activity = threading.Event()
     dimse, dul = association.dimse, association.dul
-    dimse.msg_queue = ServingQueue(association, activity.set)
+    dimse.msg_queue = ServingQueue(
+        activity.set, serve=functools.partial(serve_c_store, association),
+        can_serve=lambda: association.is_established,
+    )
     dul.to_user_queue = AnnouncingQueue(activity.set)
     checkpoint = _WorkCheckpoint(
         activity,

@@ -1,28 +1,44 @@
-"""C-STORE responses encoded here instead of by pynetdicom.
+"""C-STORE requests served, and their responses encoded, here instead of by pynetdicom.
 
 pynetdicom turns every response primitive into a DIMSE message, builds a pydicom command
 set, encodes it and fragments it: 0.47 ms in front of every C-STORE answer, for about a
-hundred bytes that differ between answers only in four values. `answer_stores_directly`
+hundred bytes that differ between answers only in four values. `c_store_response`
 encodes a C-STORE response's command set itself (byte for byte what pynetdicom sends:
-tested) and hands the DUL the one P-DATA it makes. Any other message, and a response
-carrying anything but those values and an Error Comment, still goes through pynetdicom.
+tested). `answer_stores_directly` hands the DUL the one P-DATA it makes for the responses
+pynetdicom's service classes send; any other message, and a response carrying anything but
+those values and an Error Comment, still goes through pynetdicom.
 
-The response skips pynetdicom's EVT_DIMSE_SENT, which nothing here binds.
+`serve_c_store` serves a C-STORE request in the DUL thread that decoded it (see
+dicom_node.receive.reactor), as pynetdicom's StorageServiceClass.SCP does, minus what
+stands between the handler's status and the sender: the response is written to the socket
+at once, and the spool is closed and removed after it, not before.
+
+These responses skip pynetdicom's EVT_DIMSE_SENT and EVT_PDU_SENT, which nothing here binds.
 """
 
 from __future__ import annotations
 
 import struct
 
+from pydicom.dataset import Dataset
+from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
+from dicom_node.log import describe_error, get_logger
+from dicom_node.receive.limits import P_DATA_TF, PDU_HEADER, PDV_ITEM_HEADER
 from dicom_node.receive.spool import text_value, uid_value
+
+log = get_logger("dicom_node.receive")
 
 C_STORE_RSP = 0x8001  # PS3.7 9.3.1.2, Command Field
 NO_DATA_SET = 0x0101  # PS3.7 E.1, Command Data Set Type: no data set follows
 # PS3.8 E.2, the message control header: a command fragment, the last one.
 COMMAND_LAST_FRAGMENT = b"\x03"
+# The status pynetdicom answers when a C-STORE handler raises (StorageServiceClass.SCP).
+HANDLER_FAILED = 0xC211
 
 _ELEMENT_HEADER = struct.Struct("<HHL")  # PS3.5 7.1.3, Implicit VR Little Endian: tag, length
 _US = struct.Struct("<H")
@@ -87,3 +103,57 @@ def answer_stores_directly(association) -> None:
         dimse.dul.send_pdu(pdata)
 
     dimse.send_msg = send_msg
+
+
+def serve_c_store(association, request: C_STORE, context_id: int) -> None:
+    """Serve `request` as pynetdicom would (its EVT_C_STORE handler gives the status), in
+    the calling thread, the association's DUL thread: the response goes out on the socket
+    at once, then the request's spool is closed and removed.
+
+    A request pynetdicom would not hand to its storage service (invalid, on a context not
+    accepted, after our release request, or of a SOP class another service serves) goes
+    to pynetdicom's own dispatch, with its logging and refusals.
+    """
+    if (not request.is_valid_request or context_id not in association._accepted_cx
+            or association._sent_release
+            or uid_to_service_class(request.AffectedSOPClassUID) is not StorageServiceClass):
+        association._serve_request(request, context_id)
+        return
+    context = association._accepted_cx[context_id]
+    try:
+        try:
+            result = evt.trigger(association, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})
+        except Exception as error:  # noqa: BLE001 - the sender gets a status, as from pynetdicom
+            log.error("c_store_handler_failed", error=describe_error(error))
+            result = HANDLER_FAILED
+        status, comment = (result, None) if isinstance(result, int) else _status_of(result)
+        if association.is_established:
+            _send_now(association.dul, context_id, c_store_response(
+                message_id=request.MessageID,
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                status=status,
+                error_comment=comment,
+            ))
+    finally:
+        spool = request._dataset_file
+        if spool is not None:
+            spool.discard()
+
+
+def _status_of(result: Dataset) -> tuple[int, str | None]:
+    return int(result.Status), result.get("ErrorComment")
+
+
+def _send_now(dul, context_id: int, command: bytes) -> None:
+    """Send the P-DATA-TF of a response command set, written to the socket here unless
+    the DUL has something queued to send first (then after it, by the DUL)."""
+    if dul.state_machine.current_state != "Sta6" or not dul.to_provider_queue.empty():
+        pdata = P_DATA()
+        pdata.presentation_data_value_list = [[context_id, COMMAND_LAST_FRAGMENT + command]]
+        dul.send_pdu(pdata)
+        return
+    # PS3.8 9.3.5: the PDU header, then one PDV item: its length (context ID, message
+    # control header and fragment), the context ID, the control header, the fragment.
+    item = PDV_ITEM_HEADER.pack(len(command) + 2, context_id, COMMAND_LAST_FRAGMENT[0]) + command
+    dul.socket.send(PDU_HEADER.pack(P_DATA_TF, 0, len(item)) + item)  # on failure: Evt17

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import contextvars
 import gc
+import json
 import os
 import threading
 import time
 
+from pydicom.uid import DigitalMammographyXRayImageStorageForPresentation as MG
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 
 from dicom_node.receive import handlers
 from dicom_node.receive.reactor import ServingQueue, SignallingQueue
+from dicom_node.receive.responses import HANDLER_FAILED
 from tests.integration.process import wait_for
-from tests.receive.helpers import echoscu, make_encoded, stored_files, storescu
+from tests.receive.helpers import association, echoscu, make_encoded, stored_files, storescu, temp_files
 
 
 def open_eventfds() -> int:
@@ -72,15 +76,22 @@ def test_associations_leave_no_file_descriptor_behind(node):
 LOG_FIELD = contextvars.ContextVar("log_field", default=None)
 
 
-class RecordingAssociation:
-    """What ServingQueue uses of a pynetdicom Association: whether it is established, and
-    `_serve_request`, which records the request with its thread and log field."""
+class RecordingServer:
+    """What ServingQueue is given of an association: whether it is established, and the
+    function serving a request, which records the request with its thread and log field."""
 
     def __init__(self) -> None:
-        self.is_established = True
+        self.established = True
         self.served: list[tuple[object, int, str, object]] = []
+        self.announced = 0
 
-    def _serve_request(self, primitive, context_id: int) -> None:
+    def queue(self) -> ServingQueue:
+        return ServingQueue(self.announce, serve=self.serve, can_serve=lambda: self.established)
+
+    def announce(self) -> None:
+        self.announced += 1
+
+    def serve(self, primitive, context_id: int) -> None:
         self.served.append((primitive, context_id, threading.current_thread().name, LOG_FIELD.get()))
 
 
@@ -103,30 +114,30 @@ def serve_in_association_thread(queue: ServingQueue) -> None:
 
 
 def test_a_c_store_request_is_served_by_the_putting_thread_with_the_associations_log_context():
-    association, announced = RecordingAssociation(), []
-    queue = ServingQueue(association, lambda: announced.append(True))
+    server = RecordingServer()
+    queue = server.queue()
     serve_in_association_thread(queue)
     store = C_STORE()
     put_from_thread(queue, (1, store), "dul")
-    assert association.served == [(store, 1, "dul", "a7")]
-    assert queue.empty() and not announced
+    assert server.served == [(store, 1, "dul", "a7")]
+    assert queue.empty() and server.announced == 0
     assert LOG_FIELD.get() is None  # this thread's own context is untouched
 
 
 def test_requests_go_to_the_association_thread_until_it_is_established_or_behind_others():
-    association, announced = RecordingAssociation(), []
-    queue = ServingQueue(association, lambda: announced.append(True))
+    server = RecordingServer()
+    queue = server.queue()
     early, echo, behind, after_release = C_STORE(), C_ECHO(), C_STORE(), C_STORE()
     put_from_thread(queue, (1, early), "dul")  # before EVT_ESTABLISHED: no log context yet
     serve_in_association_thread(queue)
     put_from_thread(queue, (3, echo), "dul")  # not a C-STORE
     put_from_thread(queue, (1, behind), "dul")  # others wait before it: their order is kept
-    queue.get_nowait(), queue.get_nowait(), queue.get_nowait()
-    association.is_established = False
+    assert [queue.get_nowait() for _ in range(3)] == [(1, early), (3, echo), (1, behind)]
+    server.established = False
     put_from_thread(queue, (1, after_release), "dul")
-    assert association.served == []
+    assert server.served == []
     assert queue.get_nowait() == (1, after_release)
-    assert len(announced) == 4  # each one queued woke the association's thread
+    assert server.announced == 4  # each one queued woke the association's thread
 
 
 def test_a_node_serves_each_c_store_in_the_dul_thread_that_decoded_it(node, tmp_path, monkeypatch):
@@ -142,3 +153,20 @@ def test_a_node_serves_each_c_store_in_the_dul_thread_that_decoded_it(node, tmp_
     assert storescu(node.port, *files).returncode == 0
     assert len(stored_files(node.data_dir)) == 3
     assert serving_threads == [True, True, True]
+
+
+def test_a_failing_c_store_handler_is_answered_as_by_pynetdicom_and_leaves_no_spool(
+    node, tmp_path, monkeypatch, log_output
+):
+    def failing_store(event, *args):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(handlers, "_store", failing_store)
+    file = make_encoded(tmp_path, "explicit-little")
+    with association(node.port, [(MG, [ExplicitVRLittleEndian])]) as assoc:
+        assert assoc.send_c_store(file).Status == HANDLER_FAILED
+        assert assoc.send_c_store(file).Status == HANDLER_FAILED  # the association goes on
+    events = [json.loads(line) for line in log_output().splitlines() if line.startswith("{")]
+    failures = [event for event in events if event["event"] == "c_store_handler_failed"]
+    assert len(failures) == 2 and "RuntimeError" in failures[0]["error"]
+    assert stored_files(node.data_dir) == [] and temp_files(node.data_dir) == []
