@@ -263,8 +263,11 @@ def build_ae(config: Config) -> AE:
     ae.maximum_pdu_size = MAX_PDU_BYTES
     # pynetdicom counts every connection, even one that never sent its A-ASSOCIATE-RQ, as an
     # association; ours (handle_requested) count accepted associations only, so pynetdicom's
-    # check must never come first: at most node.max_connections connections exist.
-    ae.maximum_associations = config.node.max_connections
+    # check must never come first. At most node.max_connections connections are open, but a
+    # connection closed to make room (ConnectionTable) keeps its threads, which pynetdicom
+    # counts, for some milliseconds more: with the limit itself here, the association that
+    # made room was refused "local limit exceeded" now and then.
+    ae.maximum_associations = 2 * config.node.max_connections
     ae.network_timeout = config.node.network_timeout_seconds
     ae.acse_timeout = config.node.network_timeout_seconds
     ae.dimse_timeout = config.node.network_timeout_seconds
