@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
 import pytest
@@ -444,3 +445,36 @@ def test_run_job_now_skips_the_backoff_of_pending_deliveries(queue):
     assert queue.claim_next_delivery(worker="d", lease_seconds=LEASE, now=T0 + s(1)).job_id == job_id
     assert queue.run_job_now(job_id, now=T0 + s(2)) == 0  # running now: nothing pending
     assert queue.run_job_now(987654) == 0
+
+
+def test_sqlite_records_instances_on_its_driver_exactly_as_through_sqlalchemy(tmp_path):
+    """record_instance runs on the sqlite3 connection itself (the SCP's hot path): the rows it
+    writes are the ones SQLAlchemy's execution of the same statements writes, byte for byte."""
+    import sqlite3
+
+    def rows(path) -> dict[str, list[tuple]]:
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            return {table: connection.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+                    for table in ("studies", "instances")}
+
+    study, other = new_uid(), new_uid()
+    uids = [new_uid() for _ in range(3)]
+    written = {}
+    for driver in (True, False):
+        path = tmp_path / f"driver-{driver}.sqlite"
+        queue = Queue(f"sqlite:///{path}")
+        queue.migrate()
+        if not driver:
+            queue._sqlite_recording = None  # SQLAlchemy's execution, as on PostgreSQL
+        try:
+            assert record(queue, study, now=T0, sop_instance_uid=uids[0])
+            # A whole second (no microseconds), where the driver's own datetime text differs.
+            assert record(queue, study, now=T0 + timedelta(seconds=1), sop_instance_uid=uids[1])
+            assert not record(queue, study, now=T0 + timedelta(seconds=2), sop_instance_uid=uids[0])
+            assert record(queue, other, now=T0 + timedelta(microseconds=7), sop_instance_uid=uids[2])
+            assert [i.sop_instance_uid for i in queue.study_instances(study)] == uids[:2]
+        finally:
+            queue.close()
+        written[driver] = rows(path)
+    assert written[True] == written[False]
+    assert [row[4] for row in written[True]["studies"] if row[0] == study] == [2]  # instance_count: not the duplicate
