@@ -98,6 +98,17 @@ def discard_unhandled_datasets(association) -> None:
     for spool in filter(None, spools):
         spool.discard()
 
+class SharedContexts(list):
+    """The server's presentation contexts, which pynetdicom deep-copies for every association
+    it accepts (RequestHandler._create_association): half a millisecond of every association
+    setup, for five contexts and their 46 transfer syntaxes. Its negotiation only reads them
+    (presentation.negotiate_as_acceptor), so each association gets the same contexts in a
+    list of its own."""
+
+    def __deepcopy__(self, memo) -> list:
+        return list(self)
+
+
 class StoreRequestHandler(RequestHandler):
     """pynetdicom's per-connection handler, adapted on the association's threads:
 
@@ -315,6 +326,7 @@ def start_scp(config: Config, *, queue, store: InstanceStore) -> StoreServer:
             f"node.host/node.port: cannot listen on {config.node.host}:{config.node.port} ({error.strerror})"
         ) from None
     server.connections, server.limits, server.store = connections, limits, store
+    server.contexts = SharedContexts(server.contexts)
     server.max_association_seconds = config.node.max_association_seconds
     server.activity = activity  # read by health and status
     threading.Thread(

@@ -5,6 +5,7 @@ C-STORE request is served by the thread that decoded it, in the association's lo
 from __future__ import annotations
 
 import contextvars
+import copy
 import gc
 import json
 import os
@@ -12,8 +13,9 @@ import threading
 import time
 
 from pydicom.uid import DigitalMammographyXRayImageStorageForPresentation as MG
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.sop_class import Verification
 
 from dicom_node.receive import handlers
 from dicom_node.receive.reactor import ServingQueue, SignallingQueue
@@ -170,3 +172,20 @@ def test_a_failing_c_store_handler_is_answered_as_by_pynetdicom_and_leaves_no_sp
     failures = [event for event in events if event["event"] == "c_store_handler_failed"]
     assert len(failures) == 2 and "RuntimeError" in failures[0]["error"]
     assert stored_files(node.data_dir) == [] and temp_files(node.data_dir) == []
+
+
+def test_associations_share_the_servers_presentation_contexts_without_changing_them(node, tmp_path):
+    """pynetdicom deep-copies the contexts for every association; the node hands each the same
+    objects (SharedContexts), which is sound only while negotiation leaves them as they are."""
+
+    def contexts() -> list[tuple]:
+        return [(cx.abstract_syntax, list(cx.transfer_syntax), cx.scu_role, cx.scp_role, cx.context_id)
+                for cx in node.server.contexts]
+
+    before = contexts()
+    shared = copy.deepcopy(node.server.contexts)
+    assert shared is not node.server.contexts and all(a is b for a, b in zip(shared, node.server.contexts))
+    assert storescu(node.port, make_encoded(tmp_path, "explicit-little")).returncode == 0
+    with association(node.port, [(MG, [ImplicitVRLittleEndian]), (Verification, [ExplicitVRLittleEndian])]) as assoc:
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+    assert contexts() == before
