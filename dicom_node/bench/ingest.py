@@ -15,7 +15,7 @@ size: 0.51 against 0.38 ms per recorded instance, measured here).
 
 Each repetition also writes the same bytes to disk with no network at all, with the
 node's own writer and store (128 KiB at a time into a SpoolFile, writeback started every
-MiB, then the fsync, the link into place and the fsync of its folder): the "disk" figure. storescp writes nothing to disk
+128 KiB, then the fsync, the link into place and the fsync of its folder): the "disk" figure. storescp writes nothing to disk
 within its timing (its files stay in the page cache; the `sync` after each run writes them
 untimed), while the node answers each instance only once it is on disk: the node does the
 work of both figures, on the same CPUs, and waits for the disk at the end of every
@@ -214,7 +214,7 @@ DISK_CHUNK_BYTES = 128 * 1024  # what a 128 KiB PDU brings
 
 def run_disk(files: list[Path], output: Path) -> float:
     """Write the files' bytes under `output` with the node's own writer and store, with no
-    network: a SpoolFile fed chunks of a PDU's size (writeback every MiB, free space checked),
+    network: a SpoolFile fed chunks of a PDU's size (writeback every 128 KiB, free space checked),
     then InstanceStore.persist_instance (fsync, link into place, fsync of the folder); return
     the seconds it took. The files are read into memory first, untimed."""
     from dicom_node.receive.spool import SpoolFile, StorageLimits
