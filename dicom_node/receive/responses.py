@@ -29,7 +29,7 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from dicom_node.log import describe_error, get_logger
 from dicom_node.receive.limits import P_DATA_TF, PDU_HEADER, PDV_ITEM_HEADER
-from dicom_node.receive.spool import text_value, uid_value
+from dicom_node.receive.spool import spool_of, text_value, uid_value
 
 log = get_logger("dicom_node.receive")
 
@@ -98,11 +98,17 @@ def answer_stores_directly(association) -> None:
             status=primitive.Status,
             error_comment=primitive.ErrorComment,
         )
-        pdata = P_DATA()
-        pdata.presentation_data_value_list = [[context_id, COMMAND_LAST_FRAGMENT + command]]
-        dimse.dul.send_pdu(pdata)
+        _queue_for_dul(dimse.dul, context_id, command)
 
     dimse.send_msg = send_msg
+
+
+def _queue_for_dul(dul, context_id: int, command: bytes) -> None:
+    """Hand the DUL the one P-DATA of a response command set (the last command fragment),
+    for its next turn to send."""
+    pdata = P_DATA()
+    pdata.presentation_data_value_list = [[context_id, COMMAND_LAST_FRAGMENT + command]]
+    dul.send_pdu(pdata)
 
 
 def serve_c_store(association, request: C_STORE, context_id: int) -> None:
@@ -136,7 +142,7 @@ def serve_c_store(association, request: C_STORE, context_id: int) -> None:
                 error_comment=comment,
             ))
     finally:
-        spool = request._dataset_file
+        spool = spool_of(request)
         if spool is not None:
             spool.discard()
 
@@ -149,9 +155,7 @@ def _send_now(dul, context_id: int, command: bytes) -> None:
     """Send the P-DATA-TF of a response command set, written to the socket here unless
     the DUL has something queued to send first (then after it, by the DUL)."""
     if dul.state_machine.current_state != "Sta6" or not dul.to_provider_queue.empty():
-        pdata = P_DATA()
-        pdata.presentation_data_value_list = [[context_id, COMMAND_LAST_FRAGMENT + command]]
-        dul.send_pdu(pdata)
+        _queue_for_dul(dul, context_id, command)
         return
     # PS3.8 9.3.5: the PDU header, then one PDV item: its length (context ID, message
     # control header and fragment), the context ID, the control header, the fragment.
