@@ -9,7 +9,10 @@ Each attack is sent from raw sockets (dicom_node.bench.pdus), as a hostile peer 
   stream inflates to 500 MiB of zeros;
 - ``silent_connections``: 50 TCP connections that never send anything, from 50 loopback
   addresses, then the time a configured PACS waits to associate and get a C-ECHO answer;
-- ``slow_drip``: an association that sends one tiny PDU every few seconds.
+- ``slow_drip``: an association that sends one tiny PDU every few seconds;
+- ``new_proposals``: 300 associations, each proposing 128 presentation contexts never
+  proposed before (about 45 KiB of A-ASSOCIATE-RQ each, 45 times what the node keeps of
+  a proposal; see dicom_node.receive.proposals), then released.
 
 While an attack runs, the node's resident memory (VmRSS of its main process, the SCP) is
 sampled every few milliseconds; the growth is the peak minus the value just before.
@@ -262,6 +265,34 @@ def silent_connections(port: int, *, count: int = 50, called: str = "DICOM_NODE"
     return outcome
 
 
+def new_proposals(
+    port: int, *, count: int = 300, called: str = "DICOM_NODE", calling: str = "HOSTILE"
+) -> Outcome:
+    """`count` associations proposing 128 contexts each, all never proposed before (made-up
+    abstract syntaxes, 12 transfer syntaxes each), released once accepted."""
+    outcome = Outcome(f"{count} new proposals")
+    start = time.monotonic()
+    accepted = 0
+    transfer_syntaxes = [f"1.2.826.0.1.3680043.10.1.{number}" for number in range(12)]
+    for association in range(count):
+        contexts = [(context_id, f"1.2.826.0.1.3680043.10.2.{association}.{context_id}", transfer_syntaxes)
+                    for context_id in range(1, 256, 2)]
+        request = pdus.associate_rq(called=called, calling=calling, contexts=contexts)
+        outcome.sent_bytes += len(request)
+        client = pdus.RawClient(port, timeout=10)
+        try:
+            client.send(request)
+            if client.read_reply().pdu_types == [pdus.ASSOCIATE_AC]:
+                accepted += 1
+                client.send(pdus.release_rq())
+                client.read_reply()
+        finally:
+            client.close()
+    outcome.details["accepted"] = accepted
+    outcome.seconds = time.monotonic() - start
+    return outcome
+
+
 def _still_open(sock: socket.socket) -> bool:
     """False if the node has closed this connection (a zero-byte read or a reset)."""
     sock.setblocking(False)
@@ -319,6 +350,7 @@ ATTACKS = {
     "command_fragments": lambda port, called, calling: command_fragments(port, called=called, calling=calling),
     "deflate_bomb": lambda port, called, calling: deflate_bomb(port, called=called, calling=calling),
     "silent_connections": lambda port, called, calling: silent_connections(port, called=called, calling=calling),
+    "new_proposals": lambda port, called, calling: new_proposals(port, called=called, calling=calling),
 }
 
 

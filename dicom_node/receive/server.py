@@ -5,6 +5,7 @@ Everything that bends pynetdicom lives here, each with the reason it exists.
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 
@@ -50,6 +51,7 @@ from dicom_node.receive.handlers import (
     log_released,
 )
 from dicom_node.receive.limits import DimseGuard, PduReader, read_pdu_bounded
+from dicom_node.receive.proposals import ProposalCache, decode_pdu_with_proposals, remember_negotiations
 from dicom_node.receive.reactor import serve_stores_in_dul_thread, wake_association_on_work, wake_on_activity
 from dicom_node.receive.responses import answer_stores_directly
 from dicom_node.receive.spool import StorageLimits
@@ -117,6 +119,8 @@ class StoreRequestHandler(RequestHandler):
       data sets (dicom_node.receive.limits);
     - the DUL waits on its socket and its outgoing queue, and the association thread on the
       DUL's messages, instead of polling (dicom_node.receive.reactor);
+    - an A-ASSOCIATE-RQ proposing contexts proposed before is decoded and negotiated from
+      what came of them then (dicom_node.receive.proposals);
     - C-STORE responses are encoded here (dicom_node.receive.responses);
     - spool files of data sets never handed to the C-STORE handler are deleted;
     - an exception in the DUL thread (a peer's malformed bytes) is logged, not printed.
@@ -131,6 +135,7 @@ class StoreRequestHandler(RequestHandler):
         dul._read_pdu_data = lambda: read_pdu_bounded(
             dul, reader, max_pdata_bytes=MAX_PDU_BYTES, timeout=server.ae.network_timeout
         )
+        dul._decode_pdu = functools.partial(decode_pdu_with_proposals, dul, server.proposals)
         association.dimse.receive_primitive = DimseGuard(association, limits=server.limits, store=server.store)
         outgoing = wake_on_activity(dul, unread=lambda: reader.buffered)
         wake_association_on_work(association)
@@ -184,6 +189,7 @@ class StoreServer(ThreadedAssociationServer):
     # Set by start_scp once the server is made (pynetdicom's make_server builds it).
     connections: ConnectionTable
     limits: StorageLimits
+    proposals: ProposalCache
     store: InstanceStore
     max_association_seconds: float
     WATCH_EVERY_SECONDS = 1.0
@@ -327,6 +333,8 @@ def start_scp(config: Config, *, queue, store: InstanceStore) -> StoreServer:
         ) from None
     server.connections, server.limits, server.store = connections, limits, store
     server.contexts = SharedContexts(server.contexts)
+    server.proposals = ProposalCache()
+    remember_negotiations()
     server.max_association_seconds = config.node.max_association_seconds
     server.activity = activity  # read by health and status
     threading.Thread(

@@ -13,7 +13,9 @@ that applies, log it with the peer's address, and keep serving a configured PACS
 - silent connections (from many addresses) cannot take the PACS's place: a new connection
   replaces the oldest one without an association; one address has at most
   security.max_connections_per_address connections;
-- an association ends after node.max_association_seconds, however it drips.
+- an association ends after node.max_association_seconds, however it drips;
+- the proposals kept for reuse (dicom_node.receive.proposals) stay within their bound when
+  every association proposes contexts never seen.
 """
 
 from __future__ import annotations
@@ -274,6 +276,13 @@ def test_a_slow_drip_is_cut_at_the_association_time_limit(node):
     assert outcome.seconds < MAX_ASSOCIATION_SECONDS + 5
     event = logged(node, "association_time_limit", calling_ae="HOSTILE")
     assert event["peer"] == "127.0.0.1"
+
+
+def test_a_new_proposal_on_every_association_keeps_memory_bounded(node):
+    outcome = attacked(node, lambda: hostile.new_proposals(node.port, count=300))
+    assert outcome.details["accepted"] == 300  # every one answered, none of them known
+    assert outcome.sent_bytes > 300 * 40 * 1024
+    assert outcome.rss_growth < RSS_GROWTH_LIMIT, f"RSS grew by {outcome.rss_growth / MIB:.0f} MiB"
 
 
 def test_the_node_still_stores_after_every_attack(node):
