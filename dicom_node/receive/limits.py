@@ -43,7 +43,7 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from dicom_node import metrics
 from dicom_node.log import get_logger
-from dicom_node.receive.spool import SpoolFile, StorageLimits, part10_header, streaming_spool
+from dicom_node.receive.spool import SpoolFile, StorageLimits, message_spool, part10_header, streaming_spool
 
 log = get_logger("dicom_node.receive")
 
@@ -406,8 +406,7 @@ class DimseGuard:
         message._data_set_path = Path(spool.name)
 
     def _hang_up(self, event: str, **fields) -> None:
-        message = self.dimse.message
-        spool = getattr(message, "_data_set_file", None) if message is not None else None
+        spool = message_spool(self.dimse.message)
         if spool is not None:
             spool.discard()
         hang_up(self.association.dul, event, **fields)

@@ -54,7 +54,7 @@ from dicom_node.receive.limits import DimseGuard, PduReader, read_pdu_bounded
 from dicom_node.receive.proposals import ProposalCache, decode_pdu_with_proposals, remember_negotiations
 from dicom_node.receive.reactor import serve_stores_in_dul_thread, wake_association_on_work, wake_on_activity
 from dicom_node.receive.responses import answer_stores_directly
-from dicom_node.receive.spool import StorageLimits
+from dicom_node.receive.spool import StorageLimits, message_spool, spool_of
 from dicom_node.store import InstanceStore
 from dicom_node.tls import scp_context, server_handshake
 
@@ -95,8 +95,7 @@ def discard_unhandled_datasets(association) -> None:
     """
     dimse = association.dimse
     queued = [primitive for _, primitive in list(dimse.msg_queue.queue)]
-    spools = [getattr(dimse.message, "_data_set_file", None)]
-    spools += [getattr(primitive, "_dataset_file", None) for primitive in queued]
+    spools = [message_spool(dimse.message)] + [spool_of(primitive) for primitive in queued]
     for spool in filter(None, spools):
         spool.discard()
 

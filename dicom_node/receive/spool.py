@@ -231,6 +231,14 @@ def spool_of(request) -> SpoolFile | None:
     return spool if isinstance(spool, SpoolFile) else None
 
 
+def message_spool(message) -> SpoolFile | None:
+    """The SpoolFile the data set of a DIMSE message still being decoded (pynetdicom's
+    `dimse.message`, None between messages) is written into, if any: the primitive that
+    message becomes carries it on as `spool_of` finds it."""
+    spool = getattr(message, "_data_set_file", None)
+    return spool if isinstance(spool, SpoolFile) else None
+
+
 def streaming_spool(dul) -> SpoolFile | None:
     """The spool of the C-STORE data set now arriving, if a data fragment read from the
     socket may be written to it at once, bypassing pynetdicom's PDU events.
@@ -242,6 +250,4 @@ def streaming_spool(dul) -> SpoolFile | None:
     """
     if dul.state_machine.current_state != "Sta6" or not dul.event_queue.empty() or not dul._recv_pdu.empty():
         return None
-    message = dul.assoc.dimse.message
-    spool = getattr(message, "_data_set_file", None) if message is not None else None
-    return spool if isinstance(spool, SpoolFile) else None
+    return message_spool(dul.assoc.dimse.message)
