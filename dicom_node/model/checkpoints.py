@@ -196,8 +196,9 @@ def _from_train_state(state: dict, path: Path) -> dict:
         "state_dict": state.get("model"),
         "label": f"training checkpoint {path.name} (iteration {iteration})",
         "trained": {"iterations": iteration, "training_checkpoint": path.name},
-        # Training builds every model with build_model's defaults (loop.train).
-        "model_options": {},
+        # How training built the model; a state saved before they were recorded has none
+        # (build_model's defaults, as then for every config but the demo's anchors).
+        "model_options": state.get("model_options") or {},
     }
 
 

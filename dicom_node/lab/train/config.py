@@ -2,7 +2,8 @@
 
 Like the node's config, every table forbids unknown keys, so a typo fails at load time
 with the key's name (``ConfigError: ...: optimizer.base_lrr: unknown key``). Relative
-paths (datasets, output folder, export file) resolve against the TOML file's folder.
+paths (datasets, output folder, export file, starting weights) resolve against the TOML
+file's folder.
 
 The study's four configurations share one schedule: effective batch 16, base LR 0.001,
 24000 iterations, the LR divided by 10 at iteration 18000. The loss is not a setting: it
@@ -19,7 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import dicom_node
-from dicom_node.config import Architecture, Device, read_toml, validate_model
+from dicom_node.config import DEMO_WEIGHTS, Architecture, Device, read_toml, validate_model
 from dicom_node.errors import ConfigError
 
 # The loss each detector family trains with (fixed by the torchvision heads).
@@ -117,6 +118,12 @@ class ModelConfig(_Table):
     loss: Literal["focal", "cross_entropy"] | None = None  # None: the architecture's own
     # Anchor size on the finest level, in input pixels (dicom_node.model.architectures).
     smallest_anchor: Annotated[int, Field(ge=4, le=256)] = 32
+    # Start from this model's weights instead of random ones (Detectron2's MODEL.WEIGHTS, for
+    # fine-tuning): "demo", an exported file, a training checkpoint or an imported Detectron2
+    # model, of this architecture and smallest_anchor. The optimizer and the schedule start
+    # afresh; a calibrated RetinaNet's score shift is taken off first; a run that resumes from
+    # its own checkpoint has its weights already. None: random weights.
+    weights: str | None = None
 
     @field_validator("architecture")
     @classmethod
@@ -239,8 +246,12 @@ def _resolve(config: TrainConfig, base: Path) -> TrainConfig:
     data = config.data.model_copy(
         update={"train_json": resolve(config.data.train_json), "val_json": resolve(config.data.val_json)}
     )
+    model = config.model
+    if model.weights not in (None, DEMO_WEIGHTS):
+        model = model.model_copy(update={"weights": str(resolve(Path(model.weights)))})
     return config.model_copy(
-        update={"data": data, "output_dir": resolve(config.output_dir), "export": resolve(config.export)}
+        update={"data": data, "model": model, "output_dir": resolve(config.output_dir),
+                "export": resolve(config.export)}
     )
 
 

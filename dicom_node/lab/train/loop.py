@@ -5,9 +5,12 @@ What a run does, in order:
    available); on CPU uses ``cfg.threads`` threads;
 2. loads the COCO training set through the one pixel pipeline (the node's own
    ``prepare``), keeping the prepared images in memory when ``data.cache_images``;
-3. builds the architecture with no pretrained weights (nothing is downloaded);
+3. builds the architecture with random weights (nothing is downloaded), or with those of
+   ``model.weights`` (fine-tuning: a model of this architecture, its score calibration
+   taken off);
 4. resumes from the latest ``checkpoint_*.pt`` in ``output_dir`` if there is one
-   (model, optimizer, scheduler, AMP scaler, iteration and RNG states);
+   (model and how to rebuild it, optimizer, scheduler, AMP scaler, iteration and RNG
+   states), whatever ``model.weights`` says;
 5. runs SGD with linear warm-up and step decay. Each optimizer step sums the gradients
    of ``accumulation`` micro-batches so that the effective batch is ``batch_size``
    whatever fits the GPU. AMP (autocast + GradScaler) is used on CUDA only;
@@ -37,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicom_node.config import DEMO_WEIGHTS
 from dicom_node.files import write_atomically
 from dicom_node.errors import ConfigError, NodeError
 from dicom_node.lab.train.augment import augment
@@ -255,6 +259,9 @@ def save_state(path: Path, *, iteration: int, model, optimizer, scheduler, scale
         "iteration": iteration,
         "architecture": cfg.model.architecture,
         "input_size": cfg.model.input_size,
+        # How to rebuild the model (anchors; an imported model's normalisation): a resumed
+        # run and `dicom-node evaluate --weights checkpoint_*.pt` build it from these.
+        "model_options": dict(model.build_options),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -269,8 +276,8 @@ def save_state(path: Path, *, iteration: int, model, optimizer, scheduler, scale
     _atomic_save(state, path)
 
 
-def load_state(path: Path, *, model, optimizer, scheduler, scaler, cfg: TrainConfig) -> int:
-    """Restore a training state; return the iteration it was saved at."""
+def read_state(path: Path, cfg: TrainConfig) -> dict:
+    """A training state of this run's architecture and input size, to resume from."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
@@ -282,6 +289,11 @@ def load_state(path: Path, *, model, optimizer, scheduler, scaler, cfg: TrainCon
             f"{path}: checkpoint is {state['architecture']} at input_size {state['input_size']}, the config "
             f"asks for {cfg.model.architecture} at {cfg.model.input_size}; use another output_dir"
         )
+    return state
+
+
+def restore_state(state: dict, *, model, optimizer, scheduler, scaler) -> int:
+    """Put a training state back; return the iteration it was saved at."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -294,6 +306,52 @@ def load_state(path: Path, *, model, optimizer, scheduler, scaler, cfg: TrainCon
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["iteration"])
+
+
+def starting_weights(cfg: TrainConfig) -> dict:
+    """The checkpoint `model.weights` names, checked against the config: its architecture
+    and its anchors must be the run's (the head's outputs mean boxes around those anchors)."""
+    from dicom_node.model.architectures import DEFAULT_SMALLEST_ANCHOR
+    from dicom_node.model.checkpoints import load_checkpoint, weights_file
+
+    path = weights_file(cfg.model.weights)
+    checkpoint = load_checkpoint(path)
+    found = {"architecture": checkpoint["architecture"],
+             "smallest_anchor": checkpoint["model_options"].get("smallest_anchor", DEFAULT_SMALLEST_ANCHOR)}
+    for key, value in found.items():
+        if value != getattr(cfg.model, key):
+            raise ConfigError(
+                f"model.weights: {path} is a {found['architecture']} model with smallest_anchor "
+                f"{found['smallest_anchor']}, model.{key} is {getattr(cfg.model, key)!r}: set "
+                f"model.{key} = {value!r} to start from it"
+            )
+    checkpoint["path"] = path
+    return checkpoint
+
+
+def model_options(cfg: TrainConfig, state: dict | None, start: dict | None) -> dict:
+    """build_model's options: a resumed run's own (a state saved before they were recorded:
+    the config's anchors, as then), else the starting weights', else the config's."""
+    if state is not None and "model_options" in state:
+        return dict(state["model_options"])
+    if start is not None:
+        return dict(start["model_options"])
+    return {"smallest_anchor": cfg.model.smallest_anchor}
+
+
+def load_starting_weights(model: torch.nn.Module, start: dict) -> float:
+    """Load the starting checkpoint into `model`, without its score calibration (the run
+    calibrates its own export, dicom_node.lab.train.calibrate); return the shift taken off."""
+    from dicom_node.model.checkpoints import load_state as load_weights
+
+    load_weights(model, start["state_dict"], path=start["path"], architecture=start["architecture"])
+    shift = float((start["trained"].get("calibration") or {}).get("logit_shift") or 0.0)
+    if shift:
+        from dicom_node.lab.train.calibrate import classification_bias
+
+        with torch.no_grad():
+            classification_bias(model).sub_(shift)
+    return shift
 
 
 def _prune(output_dir: Path, keep: int = KEEP_CHECKPOINTS) -> None:
@@ -395,23 +453,31 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True,
     output_dir.mkdir(parents=True, exist_ok=True)
     run_log = log.bind(architecture=cfg.model.architecture, output_dir=str(output_dir))
 
+    # What the model starts from, before the data (minutes, for a large set) is loaded.
+    resume_from = latest_checkpoint(output_dir)
+    state = read_state(resume_from, cfg) if resume_from is not None else None
+    start = starting_weights(cfg) if state is None and cfg.model.weights is not None else None
+
     started = time.monotonic()
     samples = training_samples(cfg) if samples is None else samples
     val_items, val_gt = validation_items(cfg) if validation is None else validation
     run_log.info("train_data_loaded", train_images=len(samples), val_images=len(val_items),
                  seconds=round(time.monotonic() - started, 1))
 
-    model = build_model(cfg.model.architecture, num_classes=1, smallest_anchor=cfg.model.smallest_anchor).to(dev)
-    model.train()
+    model = build_model(cfg.model.architecture, num_classes=1, **model_options(cfg, state, start))
+    if start is not None:
+        shift = load_starting_weights(model, start)
+        run_log.info("train_starts_from_weights", weights=str(start["path"]), label=start["label"],
+                     calibration_removed=shift)
+    model.to(dev).train()
     optimizer, scheduler = build_optimizer(model, cfg)
     use_amp = cfg.amp and dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     iteration = 0
-    resume_from = latest_checkpoint(output_dir)
-    if resume_from is not None:
-        iteration = load_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                               scaler=scaler, cfg=cfg)
+    if state is not None:
+        iteration = restore_state(state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        del state
         run_log.info("train_resumed", checkpoint=str(resume_from), iteration=iteration)
 
     opt = cfg.optimizer
@@ -505,6 +571,7 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True,
         "train_data": ([spec.model_dump(exclude_none=True) for spec in cfg.data.train_phantom_sets]
                        or f"{cfg.data.train_json.parent.name}/{cfg.data.train_json.name}"),
         "train_images": len(samples),
+        **({"started_from": _weights_name(cfg.model.weights)} if cfg.model.weights else {}),
         "validation": _scalars(last_metrics),
         **({"calibration": calibration} if calibration else {}),
         "torch": torch.__version__,
@@ -515,6 +582,12 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True,
                     label=cfg.label, trained=trained, half=cfg.export_half)
     run_log.info("train_finished", export=str(export), iteration=iteration, validation=trained["validation"])
     return export
+
+
+def _weights_name(weights: str) -> str:
+    """`model.weights` as the export records it: "demo", or the file's name (not where it
+    was on the machine that trained)."""
+    return weights if weights == DEMO_WEIGHTS else Path(weights).name
 
 
 def _scalars(metrics: dict | None) -> dict | None:

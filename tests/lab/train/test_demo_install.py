@@ -74,3 +74,24 @@ def test_the_builder_installs_only_weights_that_meet_the_targets_or_beat_the_pac
     scores.update(texture_reticular=0.86, size_3328x2560=0.9)
     demo.build(config, evaluate_only=True, install=True)
     assert installed == [exported, exported]
+
+
+def test_the_builder_trains_on_from_the_packaged_weights_when_asked(tmp_path):
+    """`--weights demo`: a lent GPU's minutes add to the packaged weights' training."""
+    from dicom_node.lab.train import demo
+    from dicom_node.model.checkpoints import load_checkpoint
+
+    exported = tmp_path / "run" / "demo_retinanet_r18_fpn.pt"
+    config = tmp_path / "demo.toml"
+    config.write_text(
+        f'output_dir = "{exported.parent}"\nexport = "{exported}"\ndevice = "cpu"\nthreads = 2\n'
+        '[model]\narchitecture = "retinanet_r18_fpn"\ninput_size = 128\nsmallest_anchor = 16\n'
+        '[data]\ntrain_phantoms = { n = 2, seed = 1, variety = "classic", rows = 256, columns = 200 }\n'
+        '[optimizer]\nbatch_size = 2\niterations = 1\nlr_steps = []\nwarmup_iters = 0\n', encoding="utf-8")
+    assert demo.main(["--config", str(config), "--train-only", "--weights", "demo"]) == 0
+    assert load_checkpoint(exported)["trained"]["started_from"] == "demo"
+    exported.unlink()
+    for checkpoint in exported.parent.glob("checkpoint_*.pt"):
+        checkpoint.unlink()
+    assert demo.main(["--config", str(config), "--train-only"]) == 0
+    assert "started_from" not in load_checkpoint(exported)["trained"]

@@ -18,7 +18,7 @@ from dicom_node.lab.train.loop import (
     lr_factor,
     train,
 )
-from dicom_node.model.checkpoints import load_checkpoint, model_from_checkpoint
+from dicom_node.model.checkpoints import DEMO_WEIGHTS_FILE, load_checkpoint, model_from_checkpoint
 from dicom_node.pixels import resize_longest_side
 
 
@@ -173,3 +173,74 @@ def test_data_needs_exactly_one_training_source(tmp_path):
     with pytest.raises(ConfigError, match="unknown phantom variety 'marble'"):
         tiny_config(tmp_path / "a.json", tmp_path, **{
             "data": {"train_phantoms": {"n": 3, "seed": 5, "variety": "marble"}}})
+
+
+def _parameters(state_dict: dict, model) -> dict:
+    """The trainable tensors of a state dict (BatchNorm's running statistics move in any step)."""
+    names = {name for name, _ in model.named_parameters()}
+    return {name: tensor for name, tensor in state_dict.items() if name in names}
+
+
+def test_training_starts_from_model_weights_without_their_score_calibration(tiny_phantoms, tmp_path):
+    from dicom_node.lab.train.calibrate import classification_bias
+    from dicom_node.model.architectures import build_model
+    from dicom_node.model.checkpoints import save_checkpoint
+
+    torch.manual_seed(99)  # not the run's seed: its own random start would differ
+    start_model = build_model("retinanet_r18_fpn", num_classes=1)
+    with torch.no_grad():
+        classification_bias(start_model).add_(1.5)
+    start = save_checkpoint(tmp_path / "site_model.pt", model=start_model, architecture="retinanet_r18_fpn",
+                            input_size=512, label="SITE MODEL", trained={"calibration": {"logit_shift": 1.5}})
+    expected = _parameters(start_model.state_dict(), start_model)
+    expected["head.classification_head.cls_logits.bias"] = expected["head.classification_head.cls_logits.bias"] - 1.5
+
+    # A learning rate so small that one step leaves the weights where they started.
+    still = {"optimizer.iterations": 1, "optimizer.lr_steps": [], "optimizer.warmup_iters": 0,
+             "optimizer.base_lr": 1e-9, "data.val_json": None}
+    fine_tuned = train(tiny_config(tiny_phantoms, tmp_path / "tuned", **{"model.weights": str(start), **still}),
+                       progress=False)
+    from_scratch = train(tiny_config(tiny_phantoms, tmp_path / "scratch", **still), progress=False)
+
+    tuned = load_checkpoint(fine_tuned)
+    assert tuned["trained"]["started_from"] == "site_model.pt"
+    assert tuned["input_size"] == 128  # the run's, not the starting model's
+    for name, tensor in _parameters(tuned["state_dict"], start_model).items():
+        assert torch.allclose(tensor, expected[name], atol=1e-5), name
+    scratch = _parameters(load_checkpoint(from_scratch)["state_dict"], start_model)
+    assert "started_from" not in load_checkpoint(from_scratch)["trained"]
+    assert not all(torch.allclose(tensor, expected[name], atol=1e-5) for name, tensor in scratch.items())
+
+
+def test_training_starts_from_the_demo_weights(tiny_phantoms, tmp_path):
+    demo = load_checkpoint(DEMO_WEIGHTS_FILE)
+    shift = demo["trained"]["calibration"]["logit_shift"]
+    cfg = tiny_config(tiny_phantoms, tmp_path / "demo", **{
+        "model.weights": "demo", "model.smallest_anchor": 16, "optimizer.iterations": 1, "optimizer.lr_steps": [],
+        "optimizer.warmup_iters": 0, "optimizer.base_lr": 1e-9, "data.val_json": None})
+    tuned = load_checkpoint(train(cfg, progress=False))
+    assert tuned["trained"]["started_from"] == "demo"
+    assert tuned["model_options"]["smallest_anchor"] == 16
+    bias = "head.classification_head.cls_logits.bias"
+    assert torch.allclose(tuned["state_dict"][bias], demo["state_dict"][bias] - shift, atol=1e-4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model.architecture": "retinanet_r50_fpn"}, "set model.architecture = 'retinanet_r18_fpn'"),
+    ({"model.smallest_anchor": 32}, "set model.smallest_anchor = 16"),
+])
+def test_starting_weights_must_fit_the_run(tiny_phantoms, tmp_path, change, message):
+    from dicom_node.errors import CheckpointError
+
+    # A training checkpoint is a model to start from too, and it says how it was built.
+    first = tiny_config(tiny_phantoms, tmp_path / "first", **{
+        "model.smallest_anchor": 16, "optimizer.iterations": 2, "optimizer.lr_steps": [], "data.val_json": None})
+    train(first, progress=False)
+    checkpoint = first.output_dir / "checkpoint_0000002.pt"
+    model, _ = model_from_checkpoint(checkpoint)
+    assert model.build_options["smallest_anchor"] == 16  # evaluate builds the anchors it was trained with
+    second = tiny_config(tiny_phantoms, tmp_path / "second", **{
+        "model.weights": str(checkpoint), "model.smallest_anchor": 16, **change})
+    with pytest.raises((ConfigError, CheckpointError), match=message):
+        train(second, progress=False)
+    assert not (second.output_dir / "checkpoint_0000002.pt").exists()

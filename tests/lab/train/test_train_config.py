@@ -127,3 +127,15 @@ def test_unreadable_file_is_a_config_error(tmp_path):
     bad.write_text("output_dir = \n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_train_config(bad)
+
+
+def test_starting_weights_resolve_against_the_config_file_and_demo_stays_demo(tmp_path):
+    (tmp_path / "train.toml").write_text(
+        'output_dir = "out"\n'
+        '[model]\narchitecture = "retinanet_r50_fpn"\ninput_size = 1333\nweights = "models/site.pt"\n'
+        '[data]\ntrain_json = "train.json"\n', encoding="utf-8")
+    cfg = load_train_config(tmp_path / "train.toml")
+    assert cfg.model.weights == str(tmp_path.resolve() / "models" / "site.pt")
+    demo = parse_train_config(_minimal(model={"weights": "demo"}), base_dir=tmp_path)
+    assert demo.model.weights == "demo"
+    assert parse_train_config(_minimal(), base_dir=tmp_path).model.weights is None
