@@ -46,7 +46,7 @@ from dicom_node.errors import ConfigError, NodeError
 from dicom_node.lab.train.augment import augment
 from dicom_node.lab.train.config import CLASSIC, TrainConfig
 from dicom_node.log import get_logger
-from dicom_node.model.architectures import MASS_LABEL
+from dicom_node.model.architectures import DEFAULT_SMALLEST_ANCHOR, MASS_LABEL
 from dicom_node.model.checkpoints import TRAIN_STATE_FORMAT as CHECKPOINT_FORMAT  # evaluate reads it too
 
 log = get_logger("dicom_node.lab.train")
@@ -289,6 +289,12 @@ def read_state(path: Path, cfg: TrainConfig) -> dict:
             f"{path}: checkpoint is {state['architecture']} at input_size {state['input_size']}, the config "
             f"asks for {cfg.model.architecture} at {cfg.model.input_size}; use another output_dir"
         )
+    anchor = (state.get("model_options") or {}).get("smallest_anchor", DEFAULT_SMALLEST_ANCHOR)
+    if "model_options" in state and anchor != cfg.model.smallest_anchor:
+        raise ConfigError(
+            f"{path}: checkpoint was trained with smallest_anchor {anchor}, model.smallest_anchor is "
+            f"{cfg.model.smallest_anchor}; use another output_dir"
+        )
     return state
 
 
@@ -311,7 +317,6 @@ def restore_state(state: dict, *, model, optimizer, scheduler, scaler) -> int:
 def starting_weights(cfg: TrainConfig) -> dict:
     """The checkpoint `model.weights` names, checked against the config: its architecture
     and its anchors must be the run's (the head's outputs mean boxes around those anchors)."""
-    from dicom_node.model.architectures import DEFAULT_SMALLEST_ANCHOR
     from dicom_node.model.checkpoints import load_checkpoint, weights_file
 
     path = weights_file(cfg.model.weights)

@@ -86,13 +86,16 @@ def test_training_samples_depend_only_on_seed_and_sample_number(tiny_phantoms, t
     assert any(not torch.equal(first[n][0], other[n][0]) for n in range(6))
 
 
-def test_resume_refuses_a_checkpoint_of_another_architecture(tiny_phantoms, tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_architecture_size_or_anchors(tiny_phantoms, tmp_path):
     cfg = tiny_config(tiny_phantoms, tmp_path / "run", **{
         "optimizer.iterations": 2, "optimizer.lr_steps": [], "data.val_json": None})
     train(cfg, progress=False)
     bigger = tiny_config(tiny_phantoms, tmp_path / "run", **{"model.input_size": 160})
     with pytest.raises(ConfigError, match="input_size 128"):
         train(bigger, progress=False)
+    other_anchors = tiny_config(tiny_phantoms, tmp_path / "run", **{"model.smallest_anchor": 16})
+    with pytest.raises(ConfigError, match="smallest_anchor 32, model.smallest_anchor is 16"):
+        train(other_anchors, progress=False)
 
 
 def test_missing_dataset_is_a_config_error(tmp_path):
