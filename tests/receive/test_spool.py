@@ -66,9 +66,9 @@ def streamed(monkeypatch):
     counted = {"fragments": 0}
     stream = limits.PduReader.stream
 
-    def counting(reader, *args):
+    def counting(reader, *args, **kwargs):
         counted["fragments"] += 1
-        return stream(reader, *args)
+        return stream(reader, *args, **kwargs)
 
     monkeypatch.setattr(limits.PduReader, "stream", counting)
     return counted
@@ -144,6 +144,38 @@ def test_whole_fragments_arriving_together_are_stored_byte_for_byte(node, batche
     _, offset = split_dataset(stored)
     assert stored.read_bytes()[offset:] == data
     assert batched["writes"] >= 2 and batched["pdus"] >= 100  # the buffered PDUs went together
+
+
+def test_a_fragment_arriving_in_pieces_is_written_once_whole(node, monkeypatch):
+    """The fragment's first half waits in the reader's buffer for its second, and the whole
+    fragment goes to the spool in one write (with the next PDU if it was already there)."""
+    writes = []
+    write_pieces = SpoolFile.write_pieces
+
+    def recording(spool, pieces, count):
+        writes.append((len(pieces), count))
+        return write_pieces(spool, pieces, count)
+
+    monkeypatch.setattr(SpoolFile, "write_pieces", recording)
+    ds = synthetic.mammogram(rows=512, columns=512, seed=8)
+    data = data_set_bytes(ds)
+    first, second, last = data[:100_000], data[100_000:160_000], data[160_000:]
+    pdu = pdus.p_data([(1, pdus.DATASET_FRAGMENT, first)])
+    client = associated(node.port)
+    try:
+        client.send(pdus.p_data([(1, pdus.COMMAND_LAST, c_store_command(ds))]))
+        client.send(pdu[:50_000])
+        time.sleep(0.2)  # the node has read the first half and waits for the rest
+        client.send(pdu[50_000:] + pdus.p_data([(1, pdus.DATASET_FRAGMENT, second)]))
+        time.sleep(0.2)
+        client.send(pdus.p_data([(1, pdus.DATASET_LAST, last)]))
+        assert client.read_reply().status == 0x0000
+    finally:
+        client.close()
+    (stored,) = stored_files(node.data_dir)
+    assert stored.read_bytes()[split_dataset(stored)[1]:] == data
+    assert all(count != 50_000 - 12 for _, count in writes), "the first half was written on its own"
+    assert any(count in (len(first), len(first) + len(second)) for _, count in writes), writes
 
 
 @pytest.mark.parametrize("cut_after", [6, 12, 5000], ids=["PDU header", "PDV header", "inside the fragment"])
