@@ -86,6 +86,12 @@ def architecture_spec(architecture: str) -> ArchitectureSpec:
         ) from None
 
 
+def smallest_anchor_of(build_options: dict) -> int:
+    """The anchor size a model was built with, from its recorded ``build_options`` (a
+    checkpoint's ``model_options``), where build_model records it only when not the default."""
+    return build_options.get("smallest_anchor", DEFAULT_SMALLEST_ANCHOR)
+
+
 def build_model(
     architecture: str,
     *,
@@ -206,4 +212,5 @@ __all__ = [
     "architecture_spec",
     "build_model",
     "count_parameters",
+    "smallest_anchor_of",
 ]

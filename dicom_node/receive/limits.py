@@ -378,7 +378,7 @@ class DimseGuard:
             # PS3.7 E.2 / PS3.8 E.2: a message's data set follows its complete command set.
             self._hang_up("dimse_data_before_command")
             return False
-        if getattr(message, "_data_set_file", None) is None:  # kept in memory by pynetdicom
+        if message_spool(message) is None:  # kept in memory by pynetdicom
             if message.data_set.tell() + fragment > MAX_COMMAND_SET_BYTES:
                 self._hang_up("dimse_data_set_too_long", limit=MAX_COMMAND_SET_BYTES)
                 return False

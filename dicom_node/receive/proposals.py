@@ -118,22 +118,27 @@ class Negotiation:
     result_contexts: tuple[PresentationContext, ...]
     roles_reply: tuple
     server_contexts: tuple[PresentationContext, ...]  # kept alive: their identities are the key
-    answer_contexts: tuple[PresentationContext, ...] = ()  # in the order of the AC's items
-    answer_encoded: bytes = b""  # those items, encoded
+    # The contexts in the order of the first AC's items, and those items encoded: one pair,
+    # set in one assignment, so that associations answering at once each read a whole one.
+    _sent: tuple[tuple[PresentationContext, ...], bytes] | None = field(default=None, init=False)
+
+    @property
+    def answer_encoded(self) -> bytes:
+        """The answer's presentation context items, encoded (empty until first sent)."""
+        return self._sent[1] if self._sent is not None else b""
 
     def answer(self, results: list[PresentationContext]) -> bytes | None:
         """The encoded presentation context items of an A-ASSOCIATE-AC that answers with
         `results`, if they are this negotiation's contexts (the same objects, in order)."""
-        if not self.answer_encoded:
+        sent = self._sent
+        if sent is None:
             if {id(cx) for cx in results} != {id(cx) for cx in self.result_contexts}:
                 return None
-            self.answer_contexts = tuple(results)
-            self.answer_encoded = b"".join(_answer_item(context).encode() for context in results)
-        if len(results) != len(self.answer_contexts) or any(
-            given is not known for given, known in zip(results, self.answer_contexts)
-        ):
+            sent = self._sent = (tuple(results), b"".join(_answer_item(context).encode() for context in results))
+        contexts, encoded = sent
+        if len(results) != len(contexts) or any(given is not known for given, known in zip(results, contexts)):
             return None
-        return self.answer_encoded
+        return encoded
 
 
 class ProposedContexts(list):

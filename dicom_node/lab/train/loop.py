@@ -46,7 +46,7 @@ from dicom_node.errors import ConfigError, NodeError
 from dicom_node.lab.train.augment import augment
 from dicom_node.lab.train.config import CLASSIC, TrainConfig
 from dicom_node.log import get_logger
-from dicom_node.model.architectures import DEFAULT_SMALLEST_ANCHOR, MASS_LABEL
+from dicom_node.model.architectures import MASS_LABEL, smallest_anchor_of
 from dicom_node.model.checkpoints import TRAIN_STATE_FORMAT as CHECKPOINT_FORMAT  # evaluate reads it too
 
 log = get_logger("dicom_node.lab.train")
@@ -289,7 +289,7 @@ def read_state(path: Path, cfg: TrainConfig) -> dict:
             f"{path}: checkpoint is {state['architecture']} at input_size {state['input_size']}, the config "
             f"asks for {cfg.model.architecture} at {cfg.model.input_size}; use another output_dir"
         )
-    anchor = (state.get("model_options") or {}).get("smallest_anchor", DEFAULT_SMALLEST_ANCHOR)
+    anchor = smallest_anchor_of(state.get("model_options") or {})
     if "model_options" in state and anchor != cfg.model.smallest_anchor:
         raise ConfigError(
             f"{path}: checkpoint was trained with smallest_anchor {anchor}, model.smallest_anchor is "
@@ -322,7 +322,7 @@ def starting_weights(cfg: TrainConfig) -> dict:
     path = weights_file(cfg.model.weights)
     checkpoint = load_checkpoint(path)
     found = {"architecture": checkpoint["architecture"],
-             "smallest_anchor": checkpoint["model_options"].get("smallest_anchor", DEFAULT_SMALLEST_ANCHOR)}
+             "smallest_anchor": smallest_anchor_of(checkpoint["model_options"])}
     for key, value in found.items():
         if value != getattr(cfg.model, key):
             raise ConfigError(
