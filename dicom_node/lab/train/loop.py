@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicom_node.config import DEMO_WEIGHTS
 from dicom_node.files import write_atomically
 from dicom_node.errors import ConfigError, NodeError
 from dicom_node.lab.train.augment import augment
@@ -576,7 +575,8 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True,
         "train_data": ([spec.model_dump(exclude_none=True) for spec in cfg.data.train_phantom_sets]
                        or f"{cfg.data.train_json.parent.name}/{cfg.data.train_json.name}"),
         "train_images": len(samples),
-        **({"started_from": _weights_name(cfg.model.weights)} if cfg.model.weights else {}),
+        # "demo", or the file's name: not where it was on the machine that trained.
+        **({"started_from": Path(cfg.model.weights).name} if cfg.model.weights else {}),
         "validation": _scalars(last_metrics),
         **({"calibration": calibration} if calibration else {}),
         "torch": torch.__version__,
@@ -587,12 +587,6 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True,
                     label=cfg.label, trained=trained, half=cfg.export_half)
     run_log.info("train_finished", export=str(export), iteration=iteration, validation=trained["validation"])
     return export
-
-
-def _weights_name(weights: str) -> str:
-    """`model.weights` as the export records it: "demo", or the file's name (not where it
-    was on the machine that trained)."""
-    return weights if weights == DEMO_WEIGHTS else Path(weights).name
 
 
 def _scalars(metrics: dict | None) -> dict | None:
