@@ -288,8 +288,8 @@ def read_state(path: Path, cfg: TrainConfig) -> dict:
             f"{path}: checkpoint is {state['architecture']} at input_size {state['input_size']}, the config "
             f"asks for {cfg.model.architecture} at {cfg.model.input_size}; use another output_dir"
         )
-    anchor = smallest_anchor_of(state.get("model_options") or {})
-    if "model_options" in state and anchor != cfg.model.smallest_anchor:
+    # A state written before states recorded model_options says nothing of its anchors.
+    if "model_options" in state and (anchor := smallest_anchor_of(state["model_options"])) != cfg.model.smallest_anchor:
         raise ConfigError(
             f"{path}: checkpoint was trained with smallest_anchor {anchor}, model.smallest_anchor is "
             f"{cfg.model.smallest_anchor}; use another output_dir"
