@@ -16,8 +16,9 @@ pydicom takes 0.2 ms to write and that is not the one we keep).
   space would fall under node.min_free_megabytes, the file is closed and deleted and the
   rest of the data set dropped; the handler then answers Out of Resources
   (`SpoolFile.refusal`, found through `spool_of`);
-- with fsync on, it starts the writeback of what it wrote every 128 KiB, so that the
-  fsync before the answer has little left to write.
+- with fsync on, it starts the writeback of what it wrote every 128 KiB, and of the rest
+  when the data set is complete (`close`), so that the fsync before the answer has little
+  left to write.
 
 `streaming_spool` says when a data fragment may go from the socket straight into the
 spool (dicom_node.receive.limits.read_pdu_bounded), skipping pynetdicom's per-PDU work.
@@ -205,7 +206,18 @@ class SpoolFile:
         """Nothing to do: every write went to the file descriptor."""
 
     def close(self) -> None:
-        """Close the file (once; pynetdicom and the cleanup of an ended association may both)."""
+        """Close the file (once; pynetdicom and the cleanup of an ended association may both).
+
+        With fsync on, the writeback of the bytes written since the last one started (fewer
+        than 128 KiB, the end of the data set) starts now: the disk writes them while the
+        handler checks the data set, before its fsync. In two runs of 64 full-size mammograms
+        each way (8 per association, alternating), the median fsync of the file took 0.54
+        and 0.85 ms with it, 1.05 and 0.97 ms without.
+        """
+        unstarted = self.size - self._written_back
+        if self._fd is not None and self.refusal is None and self._store.fsync and unstarted:
+            start_writeback(self._fd, self._written_back, unstarted)
+            self._written_back = self.size
         self._fd = None
         if self._file is not None:
             self._file.close()
