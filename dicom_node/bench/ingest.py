@@ -20,7 +20,10 @@ within its timing (its files stay in the page cache; the `sync` after each run w
 untimed), while the node answers each instance only once it is on disk: the node does the
 work of both figures, on the same CPUs, and waits for the disk at the end of every
 instance, while the sender waits for the answer. Where the disk figure is not well above
-storescp's, that, not the node's own code, is what holds the ratio down.
+storescp's, that, not the node's own code, is what holds the ratio down. Each node run also
+prints how long the node took, on average, to store an instance once its data set was whole
+(the checks, the fsyncs of file and folder, the job table's commit: its
+dicom_node_instance_store_seconds), while the sender waited for the answer.
 
     python -m dicom_node.bench.ingest --count 8 --repeat 3
 
@@ -171,9 +174,14 @@ def run_storescp(files: list[Path], output: Path) -> float:
     return seconds
 
 
-def run_node(files: list[Path], data_dir: Path, *, warm_up: list[Path] = ()) -> float:
+def run_node(files: list[Path], data_dir: Path, *, warm_up: list[Path] = (),
+             storing_ms: list[float] | None = None) -> float:
     """Send to this node's SCP (real store and queue, fsync on); return the send time of
-    `files`, sent after `warm_up` (untimed, on its own association)."""
+    `files`, sent after `warm_up` (untimed, on its own association). `storing_ms` gets the
+    mean time the node took to store each of `files` once it had its data set whole (its
+    dicom_node_instance_store_seconds): the checks, the fsyncs and the job table's commit,
+    while the sender waits for the answer."""
+    from dicom_node import metrics
     from dicom_node.config import parse_config
     from dicom_node.queue import Queue
     from dicom_node.receive import start_scp
@@ -199,13 +207,20 @@ def run_node(files: list[Path], data_dir: Path, *, warm_up: list[Path] = ()) -> 
     try:
         if warm_up:
             send(server.server_address[1], NODE_AE, warm_up)
+        stored_before = metrics.count_and_sum(metrics.get().instance_store)
         seconds = send(server.server_address[1], NODE_AE, files)
+        stored = metrics.count_and_sum(metrics.get().instance_store)
     finally:
         server.shutdown()
         queue.close()
-    stored = list(store.instances_dir.rglob("*.dcm"))
-    if len(stored) != len(files) + len(warm_up):
-        raise RuntimeError(f"the node stored {len(stored)} of {len(files) + len(warm_up)} files")
+    stored_files = list(store.instances_dir.rglob("*.dcm"))
+    if len(stored_files) != len(files) + len(warm_up):
+        raise RuntimeError(f"the node stored {len(stored_files)} of {len(files) + len(warm_up)} files")
+    count, total = (now - before for now, before in zip(stored, stored_before))
+    if count != len(files):
+        raise RuntimeError(f"the node timed storing {count:.0f} of {len(files)} files")
+    if storing_ms is not None:
+        storing_ms.append(1000 * total / count)
     return seconds
 
 
@@ -300,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             "written and fsynced as the node does, no network; runs interleaved"
         )
         runs: list[Run] = []
-        receivers = (("storescp", run_storescp), ("dicom-node", functools.partial(run_node, warm_up=warm_up)),
+        storing_ms: list[float] = []
+        receivers = (("storescp", run_storescp),
+                     ("dicom-node", functools.partial(run_node, warm_up=warm_up, storing_ms=storing_ms)),
                      ("disk", run_disk))
         for repetition in range(1, args.repeat + 1):
             for receiver, receive in receivers:
@@ -308,9 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = receive(files, target)
                 run = Run(receiver, repetition, seconds, megabytes)
                 runs.append(run)
+                storing = f"   storing {storing_ms[-1]:.2f} ms per instance" if receiver == "dicom-node" else ""
                 print(
                     f"run {repetition} {receiver:>10}: {seconds:7.3f} s "
-                    f"{run.mb_per_second:8.1f} MB/s",
+                    f"{run.mb_per_second:8.1f} MB/s{storing}",
                     flush=True,
                 )
                 shutil.rmtree(target)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import time
 import zlib
 from dataclasses import dataclass
 from enum import IntEnum
@@ -317,8 +318,9 @@ def handle_store(
     activity: ReceiveActivity | None = None,
 ) -> Dataset:
     """EVT_C_STORE: store and record the instance, or say why not. Never raises."""
+    started = time.perf_counter()
     response = _store(event, queue, store, limits)
-    count_answer(response.Status)
+    count_answer(response.Status, seconds=time.perf_counter() - started)
     if activity is not None:
         if response.Status == StoreStatus.SUCCESS:
             activity.record_stored()
@@ -327,10 +329,12 @@ def handle_store(
     return response
 
 
-def count_answer(status: int) -> None:
-    """The C-STORE answer in the metrics: received, or refused under its status's name."""
+def count_answer(status: int, *, seconds: float) -> None:
+    """The C-STORE answer in the metrics: received, with the `seconds` storing took, or
+    refused under its status's name."""
     if status == StoreStatus.SUCCESS:
         metrics.get().instances_received.inc()
+        metrics.get().instance_store.observe(seconds)
     else:
         metrics.get().c_store_refusals.labels(status=StoreStatus(status).name).inc()
 

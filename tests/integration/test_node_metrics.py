@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DASHBOARD = Path(__file__).resolve().parents[2] / "config" / "grafana" / "dicom-node.json"
 STUDY_IMAGES = 3
 HISTOGRAMS = (
+    "dicom_node_instance_store_seconds",
     "dicom_node_job_stable_to_claimed_seconds",
     "dicom_node_job_claimed_to_done_seconds",
     "dicom_node_model_forward_seconds",
@@ -137,6 +138,8 @@ def test_metrics_count_what_was_sent_in_every_process(tmp_path, orthanc):
 
     # The SCP (main process): exactly what was sent.
     assert value("dicom_node_instances_received_total") == STUDY_IMAGES
+    assert value("dicom_node_instance_store_seconds_count") == STUDY_IMAGES  # Success only
+    assert value("dicom_node_instance_store_seconds_sum") > 0
     assert value("dicom_node_received_bytes_total") == sum(data_set_bytes(p) for p in [*study, refused])
     refusals = {dict(labels)["status"]: count for labels, count in found["dicom_node_c_store_refusals_total"].items()}
     assert refusals == {"SOP_CLASS_NOT_SUPPORTED": 1, "OUT_OF_RESOURCES": 0, "CANNOT_UNDERSTAND": 0,

@@ -13,7 +13,7 @@ def test_bench_ingest_runs_both_receivers_and_the_disk_alone(tmp_path, capsys):
                  "--work-dir", str(work)]) == 0  # fmt: skip
     output = capsys.readouterr().out
     assert re.search(r"run 1 +storescp: .* MB/s", output)
-    assert re.search(r"run 1 dicom-node: .* MB/s", output)
+    assert re.search(r"run 1 dicom-node: .* MB/s   storing \d+\.\d\d ms per instance", output)
     assert re.search(r"run 1 +disk: .* MB/s", output)
     assert re.search(r"disk: .* median \d+\.\d MB/s \(\d+\.\d\dx storescp\)", output)
     assert re.search(r"ratio in each round: \d+\.\d\dx\n", output)

@@ -26,6 +26,7 @@ from pydicom.uid import (
 from pynetdicom import _config
 from pynetdicom.sop_class import Verification
 
+from dicom_node import metrics
 from dicom_node.receive import access
 from dicom_node.receive.access import (
     AssociateDiagnostic,
@@ -167,6 +168,21 @@ def test_several_instances_in_one_association(node, tmp_path):
     study_uid = dcmread(paths[0]).StudyInstanceUID
     assert len(node.queue.study_instances(study_uid)) == 4
     assert len(stored_files(node.data_dir)) == 4
+
+
+def test_storing_is_timed_for_each_instance_answered_success(node, tmp_path):
+    def store_timings():
+        return metrics.count_and_sum(metrics.get().instance_store)
+
+    count, seconds = store_timings()
+    paths = synthetic.study(tmp_path / "study", n_images=3)
+    assert storescu(node.port, *paths).returncode == 0
+    refused = synthetic.mammogram(sop_class_uid=SecondaryCaptureImageStorage)
+    refused.Modality = "OT"
+    assert send(node.port, refused, sop_class=SecondaryCaptureImageStorage).Status != StoreStatus.SUCCESS
+    now_count, now_seconds = store_timings()
+    assert now_count - count == 3
+    assert now_seconds > seconds
 
 
 def test_secondary_capture_mammogram_is_stored(node, tmp_path):
