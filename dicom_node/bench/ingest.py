@@ -207,16 +207,16 @@ def run_node(files: list[Path], data_dir: Path, *, warm_up: list[Path] = (),
     try:
         if warm_up:
             send(server.server_address[1], NODE_AE, warm_up)
-        stored_before = metrics.count_and_sum(metrics.get().instance_store)
+        timed_before = metrics.count_and_sum(metrics.get().instance_store)
         seconds = send(server.server_address[1], NODE_AE, files)
-        stored = metrics.count_and_sum(metrics.get().instance_store)
+        timed_after = metrics.count_and_sum(metrics.get().instance_store)
     finally:
         server.shutdown()
         queue.close()
     stored_files = list(store.instances_dir.rglob("*.dcm"))
     if len(stored_files) != len(files) + len(warm_up):
         raise RuntimeError(f"the node stored {len(stored_files)} of {len(files) + len(warm_up)} files")
-    count, total = (now - before for now, before in zip(stored, stored_before))
+    count, total = (after - before for after, before in zip(timed_after, timed_before))
     if count != len(files):
         raise RuntimeError(f"the node timed storing {count:.0f} of {len(files)} files")
     if storing_ms is not None:
