@@ -15,14 +15,22 @@ size: 0.51 against 0.38 ms per recorded instance, measured here).
 
 Each repetition also writes the same bytes to disk with no network at all, with the
 node's own writer and store (128 KiB at a time into a SpoolFile, writeback started every
-128 KiB, then the fsync, the link into place and the fsync of its folder): the "disk" figure. storescp writes nothing to disk
-within its timing (its files stay in the page cache; the `sync` after each run writes them
-untimed), while the node answers each instance only once it is on disk: the node does the
-work of both figures, on the same CPUs, and waits for the disk at the end of every
-instance, while the sender waits for the answer. Where the disk figure is not well above
-storescp's, that, not the node's own code, is what holds the ratio down. Each node run also
-prints how long the node took, on average, to store an instance once its data set was whole
-(the checks, the fsyncs of file and folder, the job table's commit: its
+128 KiB, then the fsync, the link into place and the fsync of its folder): the "disk" figure.
+storescp writes nothing to disk within its timing (its files stay in the page cache; the
+`sync` after each run writes them untimed), while the node answers each instance only once
+it is on disk: the node does the work of both figures, on the same CPUs, and waits for the
+disk at the end of every instance, while the sender waits for the answer. Where the disk
+figure is not well above storescp's, that, not the node's own code, is what holds the
+ratio down.
+
+Each repetition also runs the node once more with node.fsync = false ("no-fsync": never a
+setting for service, its answers outrun the disk): its instance files then stay in the
+page cache within its timing, as storescp's do (the job table's commit is still flushed).
+What separates it from storescp is the node's own code; what separates the node from it
+is making each instance durable before its answer.
+
+Each node run also prints how long the node took, on average, to store an instance once its
+data set was whole (the checks, the fsyncs of file and folder, the job table's commit: its
 dicom_node_instance_store_seconds), while the sender waited for the answer.
 
     python -m dicom_node.bench.ingest --count 8 --repeat 3
@@ -126,6 +134,10 @@ def make_images(folder: Path, *, count: int, rows: int, columns: int, seed: int 
 # dcmtk sets TCP_NODELAY on its sockets unless this variable says 0: say 1, for the record.
 DCMTK_ENVIRONMENT = {**os.environ, "TCP_NODELAY": "1"}
 STORESCP_MAX_PDU = 131072  # the largest PDU storescp accepts (dcmtk's maximum)
+# The node once more with its instance files unflushed (node.fsync = false): what is left of
+# the gap to storescp once the node, like storescp, leaves them to the page cache.
+UNFLUSHED = "no-fsync"
+NODES = ("dicom-node", UNFLUSHED)
 
 
 def send(port: int, called_ae: str, files: list[Path]) -> float:
@@ -175,12 +187,12 @@ def run_storescp(files: list[Path], output: Path) -> float:
 
 
 def run_node(files: list[Path], data_dir: Path, *, warm_up: list[Path] = (),
-             storing_ms: list[float] | None = None) -> float:
-    """Send to this node's SCP (real store and queue, fsync on); return the send time of
-    `files`, sent after `warm_up` (untimed, on its own association). `storing_ms` gets the
-    mean time the node took to store each of `files` once it had its data set whole (its
-    dicom_node_instance_store_seconds): the checks, the fsyncs and the job table's commit,
-    while the sender waits for the answer."""
+             storing_ms: list[float] | None = None, fsync: bool = True) -> float:
+    """Send to this node's SCP (real store and queue, node.fsync as `fsync`); return the
+    send time of `files`, sent after `warm_up` (untimed, on its own association).
+    `storing_ms` gets the mean time the node took to store each of `files` once it had its
+    data set whole (its dicom_node_instance_store_seconds): the checks, the fsyncs and the
+    job table's commit, while the sender waits for the answer."""
     from dicom_node import metrics
     from dicom_node.config import parse_config
     from dicom_node.queue import Queue
@@ -194,7 +206,7 @@ def run_node(files: list[Path], data_dir: Path, *, warm_up: list[Path] = (),
                 "host": "127.0.0.1",
                 "port": 0,
                 "data_dir": str(data_dir),
-                "fsync": True,
+                "fsync": fsync,
             },
             "security": {"allow_any_caller": True},
         },
@@ -318,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         storing_ms: list[float] = []
         receivers = (("storescp", run_storescp),
                      ("dicom-node", functools.partial(run_node, warm_up=warm_up, storing_ms=storing_ms)),
+                     (UNFLUSHED, functools.partial(run_node, warm_up=warm_up, storing_ms=storing_ms, fsync=False)),
                      ("disk", run_disk))
         for repetition in range(1, args.repeat + 1):
             for receiver, receive in receivers:
@@ -325,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = receive(files, target)
                 run = Run(receiver, repetition, seconds, megabytes)
                 runs.append(run)
-                storing = f"   storing {storing_ms[-1]:.2f} ms per instance" if receiver == "dicom-node" else ""
+                storing = f"   storing {storing_ms[-1]:.2f} ms per instance" if receiver in NODES else ""
                 print(
                     f"run {repetition} {receiver:>10}: {seconds:7.3f} s "
                     f"{run.mb_per_second:8.1f} MB/s{storing}",
@@ -343,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"disk: the same bytes written and fsynced, no network: median {medians['disk']:.1f} MB/s "
             f"({medians['disk'] / medians['storescp']:.2f}x storescp)"
+        )
+        print(
+            f"{UNFLUSHED}: the node with node.fsync = false (never in service: its answers outrun the disk), "
+            f"instance files left in the page cache as storescp's are: median {medians[UNFLUSHED]:.1f} MB/s "
+            f"({medians[UNFLUSHED] / medians['storescp']:.2f}x storescp)"
         )
         # Each round's own ratio (its two runs follow each other): how much the machine moved.
         per_round = [
