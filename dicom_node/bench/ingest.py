@@ -323,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{megabytes / args.count:.1f} MB each, {megabytes:.1f} MB per run; sender "
             f"{_tool_version('storescu')}, one association per run, loopback; "
             f"{os.cpu_count()} CPUs; storescp +B, {STORESCP_MAX_PDU // 1024} KiB PDUs, TCP_NODELAY, no fsync; "
-            f"node fsync on, after {WARM_UP_INSTANCES} small instances untimed; disk: the same bytes "
-            "written and fsynced as the node does, no network; runs interleaved"
+            f"node fsync on, after {WARM_UP_INSTANCES} small instances untimed; {UNFLUSHED}: the node "
+            "again with node.fsync = false; disk: the same bytes written and fsynced as the node does, "
+            "no network; runs interleaved"
         )
         runs: list[Run] = []
         storing_ms: list[float] = []
