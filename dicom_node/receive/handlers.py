@@ -9,7 +9,8 @@ sent, so that nothing acknowledged is ever lost:
    dicom_node.receive.spool);
 2. the handler parses only the identifying attributes of that file;
 3. ``InstanceStore.persist_instance`` fsyncs it and links it into place;
-4. ``Queue.record_instance`` commits the row; then Success is returned.
+4. ``Queue.record_instance`` commits the row; then Success is returned (the instance's
+   log line and counts follow the answer: dicom_node.receive.responses.after_answer).
 
 Anything else gets a failure status and a log line saying why; nothing
 half-written is left behind. Logs carry UIDs and AE titles, never patient data.
@@ -17,6 +18,7 @@ half-written is left behind. Logs carry UIDs and AE titles, never patient data.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import re
@@ -41,6 +43,7 @@ from dicom_node import metrics
 from dicom_node.errors import QueueUnavailable
 from dicom_node.log import describe_error, get_logger
 from dicom_node.receive.activity import ReceiveActivity
+from dicom_node.receive.responses import after_answer
 from dicom_node.receive.spool import StorageLimits, spool_of
 from dicom_node.receive.structure import (
     IMAGE_PIXEL_TAGS,
@@ -316,17 +319,25 @@ def _disk_space_low(free: int, min_free_bytes: int) -> str:
 def handle_store(
     event: evt.Event, queue, store: InstanceStore, limits: StorageLimits,
     activity: ReceiveActivity | None = None,
-) -> Dataset:
-    """EVT_C_STORE: store and record the instance, or say why not. Never raises."""
+) -> int | Dataset:
+    """EVT_C_STORE: store and record the instance, or say why not. Never raises.
+
+    Returns the status: Success bare, a refusal as a Dataset with its Error Comment. The
+    answer's log line and counts follow it on the wire (after_answer)."""
     started = time.perf_counter()
     response = _store(event, queue, store, limits)
-    count_answer(response.Status, seconds=time.perf_counter() - started)
+    after_answer(functools.partial(_account, response, seconds=time.perf_counter() - started, activity=activity))
+    return response
+
+
+def _account(response: int | Dataset, *, seconds: float, activity: ReceiveActivity | None) -> None:
+    status = response if isinstance(response, int) else response.Status
+    count_answer(status, seconds=seconds)
     if activity is not None:
-        if response.Status == StoreStatus.SUCCESS:
+        if status == StoreStatus.SUCCESS:
             activity.record_stored()
         else:
-            activity.record_refused(response.Status, response.get("ErrorComment", ""))
-    return response
+            activity.record_refused(status, response.get("ErrorComment", ""))
 
 
 def count_answer(status: int, *, seconds: float) -> None:
@@ -354,7 +365,7 @@ def _persist(event: evt.Event, store: InstanceStore, identity: InstanceIdentity)
     )
 
 
-def _store(event: evt.Event, queue, store: InstanceStore, limits: StorageLimits) -> Dataset:
+def _store(event: evt.Event, queue, store: InstanceStore, limits: StorageLimits) -> int | Dataset:
     request = event.request
     try:
         spool = spool_of(request)
@@ -390,14 +401,15 @@ def _store(event: evt.Event, queue, store: InstanceStore, limits: StorageLimits)
             # the row is ours now, so the file must be again.
             log.warning("instance_rewritten", sop_instance_uid=identity.sop_instance_uid)
             path = _persist(event, store, identity)
-        log.info(
+        after_answer(functools.partial(
+            log.info,
             "instance_stored" if new else "instance_duplicate",
             sop_instance_uid=identity.sop_instance_uid,
             study_uid=identity.study_uid,
             transfer_syntax=str(transfer_syntax),
             bytes=size,
-        )
-        return _status(StoreStatus.SUCCESS)
+        ))
+        return StoreStatus.SUCCESS
     except InstanceRefused as refused:
         log.warning(
             "instance_refused",
